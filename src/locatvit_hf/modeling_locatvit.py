@@ -1,0 +1,644 @@
+"""PyTorch LocAtViT: a ViT with Gaussian-augmented attention (GAug) and patch representation refinement (PRR).
+
+Hajimiri et al., "Locality-Attending Vision Transformer", ICLR 2026. Every formula here is SPEC §2-5.
+"""
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.backbone_utils import BackboneMixin
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import (
+    BackboneOutput,
+    BaseModelOutputWithPooling,
+    ImageClassifierOutput,
+    SemanticSegmenterOutput,
+)
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, auto_docstring
+from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
+from transformers.utils.output_capturing import capture_outputs
+
+from .configuration_locatvit import LocAtViTConfig
+
+NUM_PREFIX_TOKENS = 1  # the CLS token
+
+
+class LocAtViTPatchEmbeddings(nn.Module):
+    """Cuts `pixel_values` into patches, padding the bottom and right with zeros up to a multiple of the patch size."""
+
+    def __init__(self, config: LocAtViTConfig):
+        super().__init__()
+        self.num_channels = config.num_channels
+        self.patch_size = tuple(config.patch_size)
+        self.projection = nn.Conv2d(
+            config.num_channels, config.hidden_size, kernel_size=self.patch_size, stride=self.patch_size
+        )
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Returns the patch embeddings as a (batch, hidden, rows, columns) map."""
+        height, width = pixel_values.shape[-2:]
+        pad_h = -height % self.patch_size[0]
+        pad_w = -width % self.patch_size[1]
+        if pad_h or pad_w:
+            pixel_values = F.pad(pixel_values, (0, pad_w, 0, pad_h))
+        return self.projection(pixel_values)
+
+
+class LocAtViTEmbeddings(nn.Module):
+    """CLS token + patch embeddings + learned absolute position embeddings (resampled for other grids, SPEC §4)."""
+
+    def __init__(self, config: LocAtViTConfig):
+        super().__init__()
+        self.grid_size = config.grid_size
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+        self.position_embeddings = nn.Parameter(
+            torch.zeros(1, NUM_PREFIX_TOKENS + self.grid_size[0] * self.grid_size[1], config.hidden_size)
+        )
+        self.patch_embeddings = LocAtViTPatchEmbeddings(config)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def interpolate_pos_encoding(self, grid_size: tuple[int, int]) -> torch.Tensor:
+        """Position embeddings for `grid_size`: the patch part resampled bicubically with antialiasing (timm's
+        `resample_abs_pos_embed`), the CLS part untouched."""
+        if tuple(grid_size) == tuple(self.grid_size):
+            return self.position_embeddings
+        prefix = self.position_embeddings[:, :NUM_PREFIX_TOKENS]
+        patch = self.position_embeddings[:, NUM_PREFIX_TOKENS:]
+        dim = patch.shape[-1]
+        patch = patch.float().reshape(1, *self.grid_size, dim).permute(0, 3, 1, 2)
+        patch = F.interpolate(patch, size=tuple(grid_size), mode="bicubic", antialias=True, align_corners=False)
+        patch = patch.permute(0, 2, 3, 1).reshape(1, -1, dim).to(prefix.dtype)
+        return torch.cat((prefix, patch), dim=1)
+
+    def forward(
+        self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False
+    ) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Returns the token sequence (CLS first) and the patch grid (rows, columns) it was cut into."""
+        patches = self.patch_embeddings(pixel_values)
+        grid_size = (patches.shape[-2], patches.shape[-1])
+        if not interpolate_pos_encoding and grid_size != tuple(self.grid_size):
+            raise ValueError(
+                f"Input image size {tuple(pixel_values.shape[-2:])} doesn't match the model's image size "
+                f"{tuple(s * p for s, p in zip(self.grid_size, self.patch_embeddings.patch_size))}: resize the "
+                "images, or pass `interpolate_pos_encoding=True` to resample the position embeddings for this size."
+            )
+        embeddings = patches.flatten(2).transpose(1, 2)
+        cls_tokens = self.cls_token.expand(embeddings.shape[0], -1, -1)
+        embeddings = torch.cat((cls_tokens, embeddings), dim=1)
+        embeddings = embeddings + self.interpolate_pos_encoding(grid_size)
+        return self.dropout(embeddings), grid_size
+
+
+class LocAtViTGaussianBias(nn.Module):
+    """GAug (SPEC §2): an additive attention bias pulling each patch query towards its neighbours.
+
+    For query patch i at grid position (r_i, c_i) and key patch j:
+        B_ij = alpha_i * exp(d_row(i, j) / (var_i[0] + eps) + d_col(i, j) / (var_i[1] + eps)),
+    with d = -0.5 * squared distance, and per-query variances `var_i` and strength `alpha_i` predicted from q_i by two
+    tiny linear maps shared by all heads of the layer. The exponential factorizes into a row profile and a column
+    profile, so the bias costs (H + W) exponentials per query instead of H * W. Evaluated in float32, cast once.
+    """
+
+    def __init__(self, config: LocAtViTConfig):
+        super().__init__()
+        self.variance_proj = nn.Linear(config.head_dim, 2)
+        self.strength_proj = nn.Linear(config.head_dim, 1)
+        self.initial_grid = tuple(config.grid_size)
+        side = max(self.initial_grid)
+        self.max_variance = float(side**2)
+        self.variance_shift = math.log(self.max_variance - 1) if self.max_variance > 2 else 0.0
+        # eps keeps the division finite in float16, the clamp keeps exp's argument there: SPEC §2.
+        eps = 0.1
+        while 0.5 * (side - 1) ** 2 / eps**2 > 32500:
+            eps *= 2
+        self.eps = eps
+        self.min_half_sq_distance = max(-0.5 * (side - 1) ** 2, -6550.0)
+        # Only models configured at >= 32 patches a side use the original's pooled-query shortcut in training.
+        self.pools_queries_in_training = min(self.initial_grid) >= 32
+
+    def _half_sq_distances(self, length: int, device: torch.device) -> torch.Tensor:
+        """(length, length) table of -0.5 * (a - b)^2 along one grid axis, clamped as in the original."""
+        positions = torch.arange(length, device=device, dtype=torch.float32)
+        return (-0.5 * (positions[:, None] - positions[None, :]) ** 2).clamp(min=self.min_half_sq_distance)
+
+    def variance_and_strength(self, patch_queries: torch.Tensor, grid_size: tuple[int, int]):
+        """Per-query variances (..., 2: row, column) and strengths (..., 1), in float32."""
+        with torch.autocast(device_type=patch_queries.device.type, enabled=False):
+            queries = patch_queries.float()
+            variance = self.max_variance * torch.sigmoid(
+                F.linear(queries, self.variance_proj.weight.float(), self.variance_proj.bias.float())
+                - self.variance_shift
+            )
+            if tuple(grid_size) != self.initial_grid:
+                variance = variance * (min(grid_size) / min(self.initial_grid))
+            strength = F.softplus(
+                F.linear(queries, self.strength_proj.weight.float(), self.strength_proj.bias.float())
+            )
+        return variance, strength
+
+    def patch_bias(
+        self, patch_queries: torch.Tensor, grid_size: tuple[int, int], query_rows: torch.Tensor, query_cols
+    ) -> torch.Tensor:
+        """Bias (batch, heads, queries, H * W) of the given patch queries located at (`query_rows`, `query_cols`)."""
+        height, width = grid_size
+        variance, strength = self.variance_and_strength(patch_queries, grid_size)
+        with torch.autocast(device_type=patch_queries.device.type, enabled=False):
+            row_distances = self._half_sq_distances(height, patch_queries.device)[query_rows]  # (Q, H)
+            col_distances = self._half_sq_distances(width, patch_queries.device)[query_cols]  # (Q, W)
+            row_profile = torch.exp(row_distances / (variance[..., 0:1] + self.eps))  # (B, h, Q, H)
+            col_profile = torch.exp(col_distances / (variance[..., 1:2] + self.eps))  # (B, h, Q, W)
+            bias = (strength * row_profile).unsqueeze(-1) * col_profile.unsqueeze(-2)  # (B, h, Q, H, W)
+        return bias.flatten(-2)
+
+    def forward(self, query: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
+        """Full (batch, heads, N, N) bias in `query`'s dtype; rows and columns of the CLS token are 0."""
+        batch, heads, seq_len, _ = query.shape
+        height, width = grid_size
+        patch_queries = query[:, :, NUM_PREFIX_TOKENS:]
+        device = query.device
+        if self.training and self.pools_queries_in_training:
+            patch_bias = self._pooled_patch_bias(patch_queries, grid_size)
+        else:
+            rows = torch.arange(height, device=device).repeat_interleave(width)
+            cols = torch.arange(width, device=device).repeat(height)
+            patch_bias = self.patch_bias(patch_queries, grid_size, rows, cols)
+        bias = query.new_zeros(batch, heads, seq_len, seq_len)
+        bias[:, :, NUM_PREFIX_TOKENS:, NUM_PREFIX_TOKENS:] = patch_bias
+        return bias
+
+    def _pooled_patch_bias(self, patch_queries: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
+        """The original's training shortcut for large initial grids (SPEC §2): queries average-pooled over 2x2 patch
+        blocks, the bias evaluated for the query at every second row and column, then repeated 2x along both axes."""
+        batch, heads, _, dim = patch_queries.shape
+        height, width = grid_size
+        grid = patch_queries.reshape(batch * heads, height, width, dim).permute(0, 3, 1, 2)
+        pooled = F.avg_pool2d(grid, kernel_size=2, stride=2, ceil_mode=True)
+        pooled_h, pooled_w = pooled.shape[-2:]
+        pooled = pooled.permute(0, 2, 3, 1).reshape(batch, heads, pooled_h * pooled_w, dim)
+        device = patch_queries.device
+        rows = (2 * torch.arange(pooled_h, device=device)).repeat_interleave(pooled_w)
+        cols = (2 * torch.arange(pooled_w, device=device)).repeat(pooled_h)
+        bias = self.patch_bias(pooled, grid_size, rows, cols).reshape(batch, heads, pooled_h, pooled_w, -1)
+        bias = bias.repeat_interleave(2, dim=2)[:, :, :height].repeat_interleave(2, dim=3)[:, :, :, :width]
+        return bias.reshape(batch, heads, height * width, height * width)
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs: Unpack[TransformersKwargs],
+):
+    attn_weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+    attn_weights = F.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = F.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
+    return attn_output, attn_weights
+
+
+class LocAtViTAttention(nn.Module):
+    """Multi-head self-attention whose logits get the Gaussian bias, passed to the attention interface as mask."""
+
+    def __init__(self, config: LocAtViTConfig):
+        super().__init__()
+        self.config = config
+        self.head_dim = config.head_dim
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_probs_dropout_prob
+        self.is_causal = False
+        inner = config.num_attention_heads * self.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, inner, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(config.hidden_size, inner, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(config.hidden_size, inner, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(inner, config.hidden_size)
+        self.gaussian_bias = LocAtViTGaussianBias(config) if config.use_gaussian_attention else None
+
+    def forward(
+        self, hidden_states: torch.Tensor, grid_size: tuple[int, int], **kwargs: Unpack[TransformersKwargs]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        bias = self.gaussian_bias(query, grid_size) if self.gaussian_bias is not None else None
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            bias,
+            dropout=self.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        attn_output = self.o_proj(attn_output.reshape(*input_shape, -1).contiguous())
+        return attn_output, attn_weights
+
+
+class LocAtViTMLP(nn.Module):
+    def __init__(self, config: LocAtViTConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.activation_fn = ACT2FN[config.hidden_act]
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.activation_fn(self.fc1(hidden_states)))
+
+
+class LocAtViTDropPath(nn.Module):
+    """Stochastic depth: drops the whole residual branch per sample while training."""
+
+    def __init__(self, drop_prob: float):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.drop_prob == 0.0:
+            return hidden_states
+        keep_prob = 1.0 - self.drop_prob
+        shape = (hidden_states.shape[0],) + (1,) * (hidden_states.ndim - 1)
+        mask = hidden_states.new_empty(shape).bernoulli_(keep_prob)
+        return hidden_states * mask / keep_prob
+
+    def extra_repr(self) -> str:
+        return f"p={self.drop_prob}"
+
+
+class LocAtViTLayer(GradientCheckpointingLayer):
+    """Pre-norm transformer block (timm's `Block`)."""
+
+    def __init__(self, config: LocAtViTConfig, drop_path_rate: float = 0.0):
+        super().__init__()
+        self.layernorm_before = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attention = LocAtViTAttention(config)
+        self.layernorm_after = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = LocAtViTMLP(config)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.drop_path = LocAtViTDropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
+
+    def forward(
+        self, hidden_states: torch.Tensor, grid_size: tuple[int, int], **kwargs: Unpack[TransformersKwargs]
+    ) -> torch.Tensor:
+        attn_output, _ = self.attention(self.layernorm_before(hidden_states), grid_size, **kwargs)
+        hidden_states = hidden_states + self.drop_path(self.dropout(attn_output))
+        mlp_output = self.mlp(self.layernorm_after(hidden_states))
+        return hidden_states + self.drop_path(self.dropout(mlp_output))
+
+
+class LocAtViTEncoder(nn.Module):
+    def __init__(self, config: LocAtViTConfig):
+        super().__init__()
+        rates = torch.linspace(0, config.drop_path_rate, config.num_hidden_layers).tolist()
+        self.layers = nn.ModuleList([LocAtViTLayer(config, rate) for rate in rates])
+
+    def forward(
+        self, hidden_states: torch.Tensor, grid_size: tuple[int, int], **kwargs: Unpack[TransformersKwargs]
+    ) -> torch.Tensor:
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, grid_size, **kwargs)
+        return hidden_states
+
+
+class LocAtViTPatchRefinement(nn.Module):
+    """PRR (SPEC §3): parameter-free multi-head self-attention of the normed tokens with themselves.
+
+    No projections, no residual: softmax(x_h x_h^T / sqrt(C / heads)) x_h per head. It routes the classification
+    gradient through every patch position, which is what makes the patch outputs meaningful.
+    """
+
+    def __init__(self, config: LocAtViTConfig):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        batch, seq_len, channels = hidden_states.shape
+        heads = hidden_states.view(batch, seq_len, self.num_heads, channels // self.num_heads).transpose(1, 2)
+        refined = F.scaled_dot_product_attention(heads, heads, heads)
+        return refined.transpose(1, 2).reshape(batch, seq_len, channels)
+
+
+def check_pixel_values(pixel_values: torch.Tensor | None, config: LocAtViTConfig) -> None:
+    """Rejects inputs the model would otherwise misread, naming the problem and the fix."""
+    if pixel_values is None:
+        raise ValueError("`pixel_values` is required: pass a (batch, channels, height, width) float tensor.")
+    if not isinstance(pixel_values, torch.Tensor):
+        raise TypeError(f"`pixel_values` must be a torch.Tensor, got {type(pixel_values).__name__}.")
+    if pixel_values.ndim != 4:
+        raise ValueError(
+            f"`pixel_values` must have 4 dimensions (batch, channels, height, width), got shape "
+            f"{tuple(pixel_values.shape)}: add a batch dimension with `unsqueeze(0)` or stack the images."
+        )
+    if not pixel_values.is_floating_point():
+        raise TypeError(
+            f"`pixel_values` must be a floating-point tensor, got {pixel_values.dtype}: normalize the images with the "
+            "image processor (or convert them with `.float()`)."
+        )
+    if pixel_values.shape[0] == 0:
+        raise ValueError("`pixel_values` is an empty batch: pass at least one image.")
+    if pixel_values.shape[1] != config.num_channels:
+        raise ValueError(
+            f"`pixel_values` has {pixel_values.shape[1]} channels but the model expects {config.num_channels}: "
+            "convert the images (e.g. to RGB) or set `num_channels` in the config."
+        )
+    height, width = pixel_values.shape[-2:]
+    if height < config.patch_size[0] or width < config.patch_size[1]:
+        raise ValueError(
+            f"Images of {height}x{width} pixels are smaller than one {config.patch_size[0]}x{config.patch_size[1]} "
+            "patch: resize them to at least one patch."
+        )
+
+
+@auto_docstring
+class LocAtViTPreTrainedModel(PreTrainedModel):
+    config: LocAtViTConfig
+    base_model_prefix = "locatvit"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["LocAtViTEmbeddings", "LocAtViTLayer"]
+    _supports_sdpa = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = True
+    _can_record_outputs = {"hidden_states": LocAtViTLayer, "attentions": LocAtViTAttention}
+
+    def _init_weights(self, module):
+        """timm's ViT initialization (SPEC §6): truncated normal 0.02 for Linear weights and the position embedding,
+        normal 1e-6 for the CLS token, PyTorch defaults for the patch-embedding conv and the LayerNorms."""
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            init.trunc_normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, LocAtViTPatchEmbeddings):
+            module.projection.reset_parameters()
+        elif isinstance(module, LocAtViTEmbeddings):
+            init.trunc_normal_(module.position_embeddings, mean=0.0, std=std)
+            init.normal_(module.cls_token, mean=0.0, std=1e-6)
+        elif isinstance(module, LocAtViTSegmentationHead):
+            for conv in (module.projection, module.classifier):
+                init.trunc_normal_(conv.weight, mean=0.0, std=std)
+            init.zeros_(module.classifier.bias)
+            init.ones_(module.norm.weight)
+            init.zeros_(module.norm.bias)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+
+
+@auto_docstring
+class LocAtViTModel(LocAtViTPreTrainedModel):
+    def __init__(self, config: LocAtViTConfig):
+        super().__init__(config)
+        self.embeddings = LocAtViTEmbeddings(config)
+        self.encoder = LocAtViTEncoder(config)
+        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.refinement = LocAtViTPatchRefinement(config) if config.use_patch_refinement else None
+        self.post_init()
+
+    def get_input_embeddings(self) -> LocAtViTPatchEmbeddings:
+        return self.embeddings.patch_embeddings
+
+    def forward_features(
+        self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False, **kwargs
+    ) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Output of the last block (before the final norm and PRR) and the patch grid it lies on."""
+        check_pixel_values(pixel_values, self.config)
+        expected_dtype = self.embeddings.patch_embeddings.projection.weight.dtype
+        embeddings, grid_size = self.embeddings(pixel_values.to(expected_dtype), interpolate_pos_encoding)
+        return self.encoder(embeddings, grid_size, **kwargs), grid_size
+
+    @merge_with_config_defaults
+    @capture_outputs(tie_last_hidden_states=False)
+    @auto_docstring
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> BaseModelOutputWithPooling:
+        r"""
+        Returns `last_hidden_state` = PRR(LayerNorm(last block)) (LayerNorm only when PRR is off), `pooler_output` =
+        its CLS token, and with `output_hidden_states` the embeddings and every block's output (before the norm).
+        """
+        last_block, _ = self.forward_features(pixel_values, bool(interpolate_pos_encoding), **kwargs)
+        sequence_output = self.layernorm(last_block)
+        if self.refinement is not None:
+            sequence_output = self.refinement(sequence_output)
+        return BaseModelOutputWithPooling(last_hidden_state=sequence_output, pooler_output=sequence_output[:, 0])
+
+
+@auto_docstring(
+    custom_intro="""
+    LocAtViT with a linear classifier on the CLS token of the refined output (SPEC §3), e.g. for ImageNet.
+    """
+)
+class LocAtViTForImageClassification(LocAtViTPreTrainedModel):
+    def __init__(self, config: LocAtViTConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.locatvit = LocAtViTModel(config)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
+        self.post_init()
+
+    @can_return_tuple
+    @auto_docstring
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> ImageClassifierOutput:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
+            Class indices in `[0, config.num_labels)` (single-label), multi-hot floats of shape
+            `(batch_size, num_labels)` (multi-label) or regression targets, as in `ViTForImageClassification`.
+        """
+        outputs: BaseModelOutputWithPooling = self.locatvit(
+            pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **kwargs
+        )
+        logits = self.classifier(outputs.pooler_output)
+        loss = None
+        if labels is not None:
+            check_classification_labels(labels, logits, self.config)
+            loss = self.loss_function(labels, logits, self.config, **kwargs)
+        return ImageClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+
+
+def check_classification_labels(labels: torch.Tensor, logits: torch.Tensor, config: LocAtViTConfig) -> None:
+    if labels.shape[0] != logits.shape[0]:
+        raise ValueError(
+            f"`labels` has {labels.shape[0]} entries for a batch of {logits.shape[0]} images: pass one label per image."
+        )
+    integer_labels = not labels.is_floating_point()
+    if integer_labels and config.num_labels > 1 and labels.numel() > 0:
+        low, high = int(labels.min()), int(labels.max())
+        if low < 0 or high >= config.num_labels:
+            bad = low if low < 0 else high
+            raise ValueError(
+                f"Classification label {bad} is outside the model's classes [0, {config.num_labels}): check the "
+                "labels, or set `num_labels`/`id2label` in the config to cover them."
+            )
+
+
+class LocAtViTSegmentationHead(nn.Module):
+    """The paper's linear segmentation head (SPEC §5): 1x1 conv -> GroupNorm(1) -> GELU -> 1x1 conv."""
+
+    def __init__(self, config: LocAtViTConfig):
+        super().__init__()
+        self.projection = nn.Conv2d(config.hidden_size, config.decoder_hidden_size, kernel_size=1, bias=False)
+        self.norm = nn.GroupNorm(1, config.decoder_hidden_size)
+        self.activation = nn.GELU()
+        self.classifier = nn.Conv2d(config.decoder_hidden_size, config.num_labels, kernel_size=1)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.activation(self.norm(self.projection(features))))
+
+
+def tokens_to_feature_map(hidden_states: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
+    """(batch, 1 + H*W, C) tokens -> (batch, C, H, W) map of the patch tokens."""
+    patches = hidden_states[:, NUM_PREFIX_TOKENS:]
+    return patches.transpose(1, 2).reshape(patches.shape[0], patches.shape[-1], *grid_size)
+
+
+@auto_docstring(
+    custom_intro="""
+    LocAtViT with the paper's linear segmentation head on the last block's patch tokens (SPEC §5). Logits come at 1/16
+    of the input resolution; the loss upsamples them bilinearly to the labels. With `config.freeze_backbone` the
+    encoder stays frozen and in eval mode while the head trains, as in the paper's protocol.
+    """
+)
+class LocAtViTForSemanticSegmentation(LocAtViTPreTrainedModel):
+    def __init__(self, config: LocAtViTConfig):
+        super().__init__(config)
+        self.locatvit = LocAtViTModel(config)
+        self.decode_head = LocAtViTSegmentationHead(config)
+        self.post_init()
+        self.set_backbone_frozen(config.freeze_backbone)
+
+    def set_backbone_frozen(self, frozen: bool = True) -> None:
+        """Freeze (or unfreeze) the encoder: no gradients, and eval mode (no dropout/drop-path) even in `train()`."""
+        self.config.freeze_backbone = frozen
+        self.locatvit.requires_grad_(not frozen)
+        self.train(self.training)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.config.freeze_backbone:
+            self.locatvit.eval()
+        return self
+
+    @merge_with_config_defaults
+    @capture_outputs(tie_last_hidden_states=False)
+    @auto_docstring
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> SemanticSegmenterOutput:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch_size, height, width)`, *optional*):
+            Ground-truth class per pixel, in `[0, config.num_labels)` or `config.semantic_loss_ignore_index`.
+        """
+        last_block, grid_size = self.locatvit.forward_features(pixel_values, bool(interpolate_pos_encoding), **kwargs)
+        logits = self.decode_head(tokens_to_feature_map(last_block, grid_size))
+        loss = None
+        if labels is not None:
+            check_segmentation_labels(labels, pixel_values, self.config)
+            upsampled = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+            loss = F.cross_entropy(upsampled, labels.long(), ignore_index=self.config.semantic_loss_ignore_index)
+        return SemanticSegmenterOutput(loss=loss, logits=logits)
+
+
+def check_segmentation_labels(labels: torch.Tensor, pixel_values: torch.Tensor, config: LocAtViTConfig) -> None:
+    if labels.ndim != 3 or labels.shape[0] != pixel_values.shape[0]:
+        raise ValueError(
+            f"Segmentation `labels` must have shape (batch, height, width) = ({pixel_values.shape[0]}, H, W), got "
+            f"{tuple(labels.shape)}: pass one label map per image, without a channel dimension."
+        )
+    if labels.is_floating_point():
+        raise TypeError(f"Segmentation `labels` must be an integer tensor of class ids, got {labels.dtype}.")
+    valid = labels != config.semantic_loss_ignore_index
+    if valid.any():
+        values = labels[valid]
+        low, high = int(values.min()), int(values.max())
+        if low < 0 or high >= config.num_labels:
+            bad = low if low < 0 else high
+            raise ValueError(
+                f"Segmentation label value {bad} is outside [0, {config.num_labels}) and is not the ignore index "
+                f"{config.semantic_loss_ignore_index}: remap the labels (e.g. `do_reduce_labels` for ADE20K) or set "
+                "`num_labels`."
+            )
+
+
+@auto_docstring(
+    custom_intro="""
+    LocAtViT as a backbone: (batch, hidden, H/16, W/16) feature maps of the chosen blocks (`out_features` /
+    `out_indices`; "stem" is the embeddings), taken before the final norm, for UperNet-, DPT- or Mask2Former-style heads.
+    """
+)
+class LocAtViTBackbone(BackboneMixin, LocAtViTPreTrainedModel):
+    def __init__(self, config: LocAtViTConfig):
+        super().__init__(config)
+        self.num_features = [config.hidden_size] * (config.num_hidden_layers + 1)
+        self.embeddings = LocAtViTEmbeddings(config)
+        self.encoder = LocAtViTEncoder(config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> LocAtViTPatchEmbeddings:
+        return self.embeddings.patch_embeddings
+
+    @merge_with_config_defaults
+    @capture_outputs(tie_last_hidden_states=False)
+    @auto_docstring
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> BackboneOutput:
+        check_pixel_values(pixel_values, self.config)
+        expected_dtype = self.embeddings.patch_embeddings.projection.weight.dtype
+        hidden_states, grid_size = self.embeddings(pixel_values.to(expected_dtype), bool(interpolate_pos_encoding))
+        wanted = {index % len(self.stage_names) for index in self.out_indices}
+        # Blocks after the last wanted one are skipped unless the caller asked for every layer's outputs.
+        records_layers = kwargs.get("output_hidden_states") or kwargs.get("output_attentions")
+        last_wanted = len(self.encoder.layers) if records_layers else max(wanted)
+        feature_maps = [tokens_to_feature_map(hidden_states, grid_size)] if 0 in wanted else []
+        for index, layer in enumerate(self.encoder.layers[:last_wanted], start=1):
+            hidden_states = layer(hidden_states, grid_size, **kwargs)
+            if index in wanted:
+                feature_maps.append(tokens_to_feature_map(hidden_states, grid_size))
+        return BackboneOutput(feature_maps=tuple(feature_maps))
+
+
+__all__ = [
+    "LocAtViTBackbone",
+    "LocAtViTForImageClassification",
+    "LocAtViTForSemanticSegmentation",
+    "LocAtViTModel",
+    "LocAtViTPreTrainedModel",
+]
