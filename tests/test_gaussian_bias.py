@@ -1,0 +1,138 @@
+"""The fast separable Gaussian bias equals the formula of SPEC §2, evaluated entry by entry."""
+
+import math
+
+import pytest
+import torch
+
+from locatvit_hf.modeling_locatvit import LocAtViTGaussianBias
+
+from .conftest import tiny_config
+
+
+def formula_bias(module: LocAtViTGaussianBias, query: torch.Tensor, grid, initial_grid) -> torch.Tensor:
+    """SPEC §2 written out literally: one exponential per (query, key) pair, in float64."""
+    side = max(initial_grid)
+    c = side**2
+    shift = math.log(c - 1) if c > 2 else 0.0
+    eps = 0.1
+    while 0.5 * (side - 1) ** 2 / eps**2 > 32500:
+        eps *= 2
+    floor = max(-0.5 * (side - 1) ** 2, -6550.0)
+    w_var, b_var = module.variance_proj.weight.double(), module.variance_proj.bias.double()
+    w_alpha, b_alpha = module.strength_proj.weight.double(), module.strength_proj.bias.double()
+    height, width = grid
+    batch, heads, seq_len, _ = query.shape
+    bias = torch.zeros(batch, heads, seq_len, seq_len, dtype=torch.float64)
+    for b in range(batch):
+        for h in range(heads):
+            for i in range(height * width):
+                q = query[b, h, 1 + i].double()
+                var = c * torch.sigmoid(w_var @ q + b_var - shift)
+                if tuple(grid) != tuple(initial_grid):
+                    var = var * min(height, width) / min(initial_grid)
+                alpha = torch.nn.functional.softplus(w_alpha @ q + b_alpha)[0]
+                r_i, c_i = divmod(i, width)
+                for j in range(height * width):
+                    r_j, c_j = divmod(j, width)
+                    d_row = max(-0.5 * (r_i - r_j) ** 2, floor)
+                    d_col = max(-0.5 * (c_i - c_j) ** 2, floor)
+                    bias[b, h, 1 + i, 1 + j] = alpha * torch.exp(d_row / (var[0] + eps) + d_col / (var[1] + eps))
+    return bias
+
+
+def randomized_module(config) -> LocAtViTGaussianBias:
+    module = LocAtViTGaussianBias(config)
+    with torch.no_grad():  # trained-like values: variances and strengths far from their initial 1 and ln 2
+        module.variance_proj.weight.normal_(0, 0.5)
+        module.variance_proj.bias.uniform_(-3, 3)
+        module.strength_proj.weight.normal_(0, 0.5)
+        module.strength_proj.bias.uniform_(-1, 2)
+    return module.eval()
+
+
+@pytest.mark.parametrize(
+    "image_size, grid",
+    [
+        (32, (4, 4)),  # the initial grid
+        (32, (3, 5)),  # smaller and non-square: variance scaling
+        (32, (6, 7)),  # larger than the initial grid: the distance clamp bites
+        ((32, 48), (4, 6)),  # non-square initial grid
+        ((32, 48), (7, 3)),
+    ],
+)
+def test_bias_matches_formula(image_size, grid):
+    config = tiny_config(image_size=image_size)
+    module = randomized_module(config)
+    seq_len = 1 + grid[0] * grid[1]
+    query = torch.randn(2, config.num_attention_heads, seq_len, config.head_dim) * 2
+    expected = formula_bias(module, query, grid, config.grid_size)
+    with torch.no_grad():
+        actual = module(query, grid)
+    assert actual.shape == expected.shape
+    assert actual.dtype == query.dtype
+    torch.testing.assert_close(actual.double(), expected, rtol=1e-5, atol=1e-6)
+    assert torch.all(actual[:, :, 0] == 0) and torch.all(actual[:, :, :, 0] == 0)
+
+
+def test_clamp_is_what_bounds_large_grids():
+    """On a grid larger than the initial one, far keys get exactly the clamped distance's value."""
+    config = tiny_config(image_size=32)  # initial grid 4x4: floor = -0.5 * 3^2 = -4.5
+    module = randomized_module(config)
+    assert module.min_half_sq_distance == -4.5
+    grid = (9, 9)
+    query = torch.randn(1, config.num_attention_heads, 1 + 81, config.head_dim)
+    with torch.no_grad():
+        bias = module(query, grid)
+    # Query at (0, 0): keys at columns 3..8 of row 0 are all clamped to the same distance.
+    row0 = bias[0, 0, 1, 1 : 1 + 9]
+    torch.testing.assert_close(row0[3:], row0[3].expand(6))
+    assert row0[2] > row0[3]
+
+
+def test_eps_and_clamp_constants_follow_the_spec():
+    for side, expected_eps in [(14, 0.1), (32, 0.2), (64, 0.4)]:
+        module = LocAtViTGaussianBias(tiny_config(image_size=side * 8, patch_size=8))
+        assert module.eps == pytest.approx(expected_eps)
+        assert 0.5 * (side - 1) ** 2 / module.eps**2 <= 32500
+    assert LocAtViTGaussianBias(tiny_config(image_size=512, patch_size=4)).min_half_sq_distance == -6550.0
+
+
+def test_initial_variance_is_one_and_strength_ln2():
+    """With zero weights (the from-scratch init has zero biases), var = 1 and alpha = ln 2 exactly (SPEC §2, §6)."""
+    config = tiny_config()
+    module = LocAtViTGaussianBias(config)
+    with torch.no_grad():
+        for linear in (module.variance_proj, module.strength_proj):
+            linear.weight.zero_()
+            linear.bias.zero_()
+    query = torch.randn(1, 2, 5, config.head_dim)
+    variance, strength = module.variance_and_strength(query, config.grid_size)
+    torch.testing.assert_close(variance, torch.ones_like(variance))
+    torch.testing.assert_close(strength, torch.full_like(strength, math.log(2)))
+
+
+def test_pooled_query_shortcut_for_large_initial_grids():
+    """Initial grid >= 32 in training (SPEC §2): q pooled over 2x2 blocks, bias of the query at the even position
+    of each block, shared by the block's four queries."""
+    config = tiny_config(image_size=256, patch_size=8)  # grid 32x32
+    module = randomized_module(config).train()
+    assert module.pools_queries_in_training
+    grid = (6, 5)  # odd width: the last block is a 2x1 half block
+    heads, dim = config.num_attention_heads, config.head_dim
+    query = torch.randn(1, heads, 1 + 30, dim)
+    with torch.no_grad():
+        actual = module(query, grid)
+        full = module.eval()(query, grid)
+    # Reference: pooled query placed at the block's even corner, evaluated with the full-grid formula.
+    patches = query[:, :, 1:].reshape(1, heads, 6, 5, dim)
+    for r in range(6):
+        for c in range(5):
+            block = patches[:, :, r // 2 * 2 : r // 2 * 2 + 2, c // 2 * 2 : c // 2 * 2 + 2].mean(dim=(2, 3))
+            corner = (r // 2 * 2) * 5 + (c // 2 * 2)
+            probe = query.clone()
+            probe[:, :, 1 + corner] = block
+            with torch.no_grad():
+                reference = module.eval()(probe, grid)[:, :, 1 + corner]
+            torch.testing.assert_close(actual[:, :, 1 + r * 5 + c], reference)
+    assert not torch.allclose(actual, full)

@@ -1,0 +1,386 @@
+"""HF-style model tests: shapes, outputs, round trips, attention backends, training, resolutions, Auto classes."""
+
+import math
+
+import pytest
+import torch
+from transformers import (
+    AutoBackbone,
+    AutoConfig,
+    AutoModel,
+    AutoModelForImageClassification,
+    AutoModelForSemanticSegmentation,
+    UperNetConfig,
+    UperNetForSemanticSegmentation,
+)
+
+from locatvit_hf import (
+    LocAtViTBackbone,
+    LocAtViTConfig,
+    LocAtViTForImageClassification,
+    LocAtViTForSemanticSegmentation,
+    LocAtViTModel,
+)
+
+from .conftest import tiny_config
+
+ALL_CLASSES = [LocAtViTModel, LocAtViTForImageClassification, LocAtViTForSemanticSegmentation, LocAtViTBackbone]
+
+
+def pixels(batch=2, height=32, width=32):
+    return torch.randn(batch, 3, height, width)
+
+
+def main_output(outputs) -> torch.Tensor:
+    for name in ("logits", "last_hidden_state"):
+        if getattr(outputs, name, None) is not None:
+            return getattr(outputs, name)
+    return outputs.feature_maps[-1]
+
+
+@pytest.mark.parametrize("model_class", ALL_CLASSES)
+def test_output_shapes(model_class):
+    config = tiny_config()
+    model = model_class(config).eval()
+    with torch.no_grad():
+        outputs = model(pixels(), output_hidden_states=True)
+    assert len(outputs.hidden_states) == config.num_hidden_layers + 1
+    assert all(h.shape == (2, 17, 32) for h in outputs.hidden_states)
+    if model_class is LocAtViTModel:
+        assert outputs.last_hidden_state.shape == (2, 17, 32)
+        torch.testing.assert_close(outputs.pooler_output, outputs.last_hidden_state[:, 0])
+    elif model_class is LocAtViTForImageClassification:
+        assert outputs.logits.shape == (2, 5)
+    elif model_class is LocAtViTForSemanticSegmentation:
+        assert outputs.logits.shape == (2, 5, 4, 4)
+    else:
+        assert [f.shape for f in outputs.feature_maps] == [(2, 32, 4, 4)]
+
+
+def test_last_hidden_state_is_refined_normed_last_block():
+    model = LocAtViTModel(tiny_config()).eval()
+    with torch.no_grad():
+        outputs = model(pixels(), output_hidden_states=True)
+        normed = model.layernorm(outputs.hidden_states[-1])
+        heads = normed.view(2, 17, 2, 16).transpose(1, 2)
+        weights = torch.softmax(heads @ heads.transpose(-1, -2) / math.sqrt(16), dim=-1)
+        refined = (weights @ heads).transpose(1, 2).reshape(2, 17, 32)
+    torch.testing.assert_close(outputs.last_hidden_state, refined)
+
+    plain = LocAtViTModel(tiny_config(use_patch_refinement=False)).eval()
+    with torch.no_grad():
+        outputs = plain(pixels(), output_hidden_states=True)
+    torch.testing.assert_close(outputs.last_hidden_state, plain.layernorm(outputs.hidden_states[-1]))
+
+
+def test_attentions_with_eager():
+    config = tiny_config()
+    model = LocAtViTForImageClassification._from_config(config, attn_implementation="eager").eval()
+    with torch.no_grad():
+        outputs = model(pixels(), output_attentions=True)
+    assert len(outputs.attentions) == config.num_hidden_layers
+    for attention in outputs.attentions:
+        assert attention.shape == (2, 2, 17, 17)
+        torch.testing.assert_close(attention.sum(-1), torch.ones(2, 2, 17))
+
+
+@pytest.mark.parametrize("model_class", ALL_CLASSES)
+@pytest.mark.parametrize("use_gaussian_attention", [True, False])
+def test_eager_equals_sdpa(model_class, use_gaussian_attention):
+    config = tiny_config(use_gaussian_attention=use_gaussian_attention)
+    eager = model_class._from_config(config, attn_implementation="eager").eval()
+    sdpa = model_class._from_config(config, attn_implementation="sdpa").eval()
+    sdpa.load_state_dict(eager.state_dict())
+    x = pixels(height=40, width=56)
+    with torch.no_grad():
+        a = main_output(eager(x, interpolate_pos_encoding=True))
+        b = main_output(sdpa(x, interpolate_pos_encoding=True))
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_gaussian_bias_changes_attention():
+    """The bias is really applied: zeroing its strength changes the output."""
+    model = LocAtViTModel(tiny_config()).eval()
+    x = pixels()
+    with torch.no_grad():
+        before = model(x).last_hidden_state
+        for layer in model.encoder.layers:
+            layer.attention.gaussian_bias.strength_proj.bias.fill_(-50.0)  # softplus -> ~0
+        after = model(x).last_hidden_state
+    assert not torch.allclose(before, after, atol=1e-4)
+
+
+@pytest.mark.parametrize("model_class", ALL_CLASSES)
+def test_save_load_round_trip(model_class, tmp_path):
+    model = model_class(tiny_config()).eval()
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file()
+    assert not list(tmp_path.glob("*.bin"))
+    assert {"configuration_locatvit.py", "modeling_locatvit.py"} <= {p.name for p in tmp_path.iterdir()}
+    loaded = model_class.from_pretrained(tmp_path).eval()
+    x = pixels()
+    with torch.no_grad():
+        torch.testing.assert_close(main_output(model(x)), main_output(loaded(x)), rtol=0, atol=0)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, loaded.state_dict()[key]), key
+
+
+def test_gradient_checkpointing_gives_equal_gradients():
+    config = tiny_config(num_hidden_layers=3)
+    model = LocAtViTForImageClassification(config).train()
+    x, labels = pixels(), torch.tensor([1, 3])
+
+    def gradients():
+        model.zero_grad()
+        model(x, labels=labels).loss.backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    plain = gradients()
+    model.gradient_checkpointing_enable()
+    assert model.is_gradient_checkpointing
+    checkpointed = gradients()
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("task", ["classification", "segmentation"])
+def test_training_decreases_loss(task):
+    config = tiny_config()
+    if task == "classification":
+        model = LocAtViTForImageClassification(config)
+        labels = torch.tensor([0, 1, 2, 3])
+    else:
+        model = LocAtViTForSemanticSegmentation(config)
+        # One class per patch (learnable at 1/8 resolution), some pixels ignored.
+        labels = torch.randint(0, 5, (4, 4, 4)).repeat_interleave(8, 1).repeat_interleave(8, 2)
+        labels[:, :4] = 255
+    x = pixels(batch=4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    losses = []
+    for _ in range(20):
+        loss = model(x, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_segmentation_loss_upsamples_and_ignores():
+    config = tiny_config()
+    model = LocAtViTForSemanticSegmentation(config).eval()
+    x = pixels(batch=1)
+    labels = torch.randint(0, 5, (1, 32, 32))
+    with torch.no_grad():
+        outputs = model(x, labels=labels)
+        upsampled = torch.nn.functional.interpolate(outputs.logits, size=(32, 32), mode="bilinear")
+        expected = torch.nn.functional.cross_entropy(upsampled, labels)
+        ignored = labels.clone()
+        ignored[:, :16] = 255
+        partial = model(x, labels=ignored).loss
+        expected_partial = torch.nn.functional.cross_entropy(upsampled[:, :, 16:], labels[:, 16:])
+    torch.testing.assert_close(outputs.loss, expected)
+    torch.testing.assert_close(partial, expected_partial)
+
+
+def test_frozen_backbone_stays_fixed_and_in_eval_mode():
+    config = tiny_config(freeze_backbone=True, hidden_dropout_prob=0.5)
+    model = LocAtViTForSemanticSegmentation(config).train()
+    assert model.decode_head.training and not model.locatvit.training
+    assert not any(p.requires_grad for p in model.locatvit.parameters())
+    before = {k: v.clone() for k, v in model.locatvit.state_dict().items()}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    x, labels = pixels(), torch.randint(0, 5, (2, 32, 32))
+    for _ in range(3):
+        loss = model(x, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert all(torch.equal(v, model.locatvit.state_dict()[k]) for k, v in before.items())
+    model.set_backbone_frozen(False)
+    assert model.train().locatvit.training and all(p.requires_grad for p in model.locatvit.parameters())
+
+
+@pytest.mark.parametrize("problem_type", ["single_label_classification", "multi_label_classification", "regression"])
+def test_classification_problem_types(problem_type):
+    config = tiny_config(num_labels=3, problem_type=problem_type)
+    model = LocAtViTForImageClassification(config)
+    x = pixels()
+    if problem_type == "single_label_classification":
+        labels = torch.tensor([0, 2])
+    else:
+        labels = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    outputs = model(x, labels=labels)
+    logits = outputs.logits
+    expected = {
+        "single_label_classification": lambda: torch.nn.functional.cross_entropy(logits, labels),
+        "multi_label_classification": lambda: torch.nn.functional.binary_cross_entropy_with_logits(logits, labels),
+        "regression": lambda: torch.nn.functional.mse_loss(logits, labels),
+    }[problem_type]()
+    torch.testing.assert_close(outputs.loss, expected)
+
+
+def test_interpolation_and_non_square_inputs():
+    model = LocAtViTForSemanticSegmentation(tiny_config()).eval()
+    with pytest.raises(ValueError, match="interpolate_pos_encoding=True"):
+        model(pixels(height=48, width=40))
+    with torch.no_grad():
+        same = model(pixels(height=32, width=32), interpolate_pos_encoding=True).logits
+        assert model(pixels(height=48, width=40), interpolate_pos_encoding=True).logits.shape == (2, 5, 6, 5)
+    assert same.shape == (2, 5, 4, 4)
+    # At the configured size the flag changes nothing.
+    x = pixels()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, model(x, interpolate_pos_encoding=True).logits)
+
+
+def test_position_embeddings_resampled_bicubic_with_antialias():
+    model = LocAtViTModel(tiny_config()).eval()
+    embeddings = model.embeddings
+    resampled = embeddings.interpolate_pos_encoding((2, 3))
+    patch = embeddings.position_embeddings[:, 1:].reshape(1, 4, 4, 32).permute(0, 3, 1, 2)
+    expected = torch.nn.functional.interpolate(patch, size=(2, 3), mode="bicubic", antialias=True)
+    torch.testing.assert_close(resampled[:, 1:], expected.permute(0, 2, 3, 1).reshape(1, 6, 32))
+    torch.testing.assert_close(resampled[:, :1], embeddings.position_embeddings[:, :1])
+
+
+def test_sides_not_multiple_of_patch_are_zero_padded():
+    model = LocAtViTModel(tiny_config()).eval()
+    x = pixels(height=37, width=30)  # -> 40 x 32, grid 5 x 4
+    padded = torch.nn.functional.pad(x, (0, 2, 0, 3))
+    with torch.no_grad():
+        a = model(x, interpolate_pos_encoding=True, output_hidden_states=True)
+        b = model(padded, interpolate_pos_encoding=True)
+    assert a.hidden_states[0].shape == (2, 1 + 20, 32)
+    torch.testing.assert_close(a.last_hidden_state, b.last_hidden_state)
+
+
+def test_initialization_follows_timm():
+    config = tiny_config(hidden_size=64, intermediate_size=128, image_size=64)
+    model = LocAtViTForImageClassification(config)
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            assert 0.015 < module.weight.std() < 0.025, name  # timm's trunc_normal_(std=0.02), cut at +-2
+            assert module.weight.abs().max() < 0.2, name
+            assert torch.all(module.bias == 0), name
+        if isinstance(module, torch.nn.LayerNorm):
+            assert torch.all(module.weight == 1) and torch.all(module.bias == 0), name
+    embeddings = model.locatvit.embeddings
+    assert embeddings.cls_token.abs().max() < 1e-4
+    assert 0.015 < embeddings.position_embeddings.std() < 0.025
+    conv = embeddings.patch_embeddings.projection
+    bound = 1 / math.sqrt(conv.weight[0].numel())  # PyTorch's default kaiming-uniform(a=sqrt(5)) bound
+    assert conv.weight.abs().max() <= bound and conv.weight.std() > bound / 3
+    # var = 1 and alpha = ln 2 at zero input: biases are zero after init.
+    gaussian = model.locatvit.encoder.layers[0].attention.gaussian_bias
+    variance, strength = gaussian.variance_and_strength(torch.zeros(1, 1, 1, config.head_dim), config.grid_size)
+    torch.testing.assert_close(variance, torch.ones_like(variance))
+    torch.testing.assert_close(strength, torch.full_like(strength, math.log(2)))
+
+
+def test_plain_vit_baseline_has_same_layout_minus_gaug():
+    full = LocAtViTForImageClassification(tiny_config())
+    plain = LocAtViTForImageClassification(tiny_config(use_gaussian_attention=False, use_patch_refinement=False))
+    full_keys = {k for k in full.state_dict() if "gaussian_bias" not in k}
+    assert full_keys == set(plain.state_dict())
+    params = sum(p.numel() for p in full.parameters()) - sum(p.numel() for p in plain.parameters())
+    assert params == 2 * (16 * 3 + 3)  # two layers of W_var (2x16 + 2) and W_alpha (16 + 1)
+
+
+def test_preset_sizes_match_spec():
+    expected = {"tiny": (192, 3, 768), "small": (384, 6, 1536), "base": (768, 12, 3072)}
+    for name, (hidden, heads, mlp) in expected.items():
+        config = LocAtViTConfig.from_preset(name)
+        assert (config.hidden_size, config.num_attention_heads, config.intermediate_size) == (hidden, heads, mlp)
+        assert config.num_hidden_layers == 12 and config.head_dim == 64 and config.grid_size == (14, 14)
+    with torch.device("meta"):
+        model = LocAtViTForImageClassification(LocAtViTConfig.from_preset("tiny", num_labels=1000))
+    assert sum(p.numel() for p in model.parameters()) == 5_719_756
+    with pytest.raises(ValueError, match="preset"):
+        LocAtViTConfig.from_preset("huge")
+
+
+def test_auto_classes():
+    kwargs = tiny_config().to_diff_dict()
+    kwargs.pop("model_type")
+    config = AutoConfig.for_model("locatvit", **kwargs)
+    assert isinstance(config, LocAtViTConfig)
+    assert type(AutoModel.from_config(config)) is LocAtViTModel
+    assert type(AutoModelForImageClassification.from_config(config)) is LocAtViTForImageClassification
+    assert type(AutoModelForSemanticSegmentation.from_config(config)) is LocAtViTForSemanticSegmentation
+    assert type(AutoBackbone.from_config(config)) is LocAtViTBackbone
+
+
+def test_auto_classes_from_saved_directory(tmp_path):
+    LocAtViTForSemanticSegmentation(tiny_config()).save_pretrained(tmp_path)
+    assert type(AutoConfig.from_pretrained(tmp_path)) is LocAtViTConfig
+    for auto, expected in [
+        (AutoModel, LocAtViTModel),
+        (AutoModelForImageClassification, LocAtViTForImageClassification),
+        (AutoModelForSemanticSegmentation, LocAtViTForSemanticSegmentation),
+    ]:
+        assert type(auto.from_pretrained(tmp_path)) is expected
+    # transformers 5.24's AutoBackbone.from_pretrained asks the Hub whether a local folder is a repo (it fails for
+    # every model type), so a saved folder goes through its config.
+    backbone = AutoBackbone.from_config(AutoConfig.from_pretrained(tmp_path))
+    assert type(backbone) is LocAtViTBackbone
+    assert type(LocAtViTBackbone.from_pretrained(tmp_path)) is LocAtViTBackbone
+
+
+def test_backbone_out_indices_and_upernet():
+    config = tiny_config(num_hidden_layers=3, out_indices=[0, 2, 3])
+    backbone = LocAtViTBackbone(config).eval()
+    assert backbone.out_features == ["stem", "stage2", "stage3"]
+    assert backbone.channels == [32, 32, 32]
+    x = pixels()
+    with torch.no_grad():
+        outputs = backbone(x, output_hidden_states=True)
+    assert len(outputs.feature_maps) == 3
+    for feature_map, hidden in zip(outputs.feature_maps, [outputs.hidden_states[i] for i in (0, 2, 3)]):
+        torch.testing.assert_close(feature_map, hidden[:, 1:].transpose(1, 2).reshape(2, 32, 4, 4))
+    upernet_config = UperNetConfig(
+        backbone_config=tiny_config(num_hidden_layers=4, out_indices=[1, 2, 3, 4]).to_dict(),
+        hidden_size=16,
+        auxiliary_in_channels=32,
+        num_labels=7,
+    )
+    upernet = UperNetForSemanticSegmentation(upernet_config).eval()
+    assert isinstance(upernet.backbone, LocAtViTBackbone)
+    with torch.no_grad():
+        logits = upernet(pixels(batch=1)).logits
+    assert logits.shape == (1, 7, 32, 32)
+
+
+def test_backbone_skips_blocks_after_last_requested():
+    config = tiny_config(num_hidden_layers=3, out_indices=[1])
+    backbone = LocAtViTBackbone(config).eval()
+    calls = []
+    for layer in backbone.encoder.layers:
+        layer.register_forward_hook(lambda *args: calls.append(1))
+    x = pixels()
+    with torch.no_grad():
+        early = backbone(x).feature_maps[0]
+        assert len(calls) == 1
+        full = backbone(x, output_hidden_states=True)
+    assert len(full.hidden_states) == 4
+    torch.testing.assert_close(early, full.feature_maps[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_is_finite(dtype):
+    model = LocAtViTForSemanticSegmentation(tiny_config()).eval().to(dtype)
+    with torch.no_grad():
+        logits = model(pixels(height=48, width=56).to(dtype), interpolate_pos_encoding=True).logits
+    assert logits.dtype == dtype and torch.isfinite(logits).all()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = LocAtViTForImageClassification(tiny_config()).eval()(pixels()).logits
+    assert torch.isfinite(logits).all()
+
+
+def test_torch_compile_matches_eager():
+    model = LocAtViTForImageClassification(tiny_config()).eval()
+    x = pixels()
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x).logits, model(x).logits, rtol=1e-4, atol=1e-5)
