@@ -166,9 +166,24 @@ def config_from_original(
         raise ConversionError(f"the weights describe an invalid model: {error}") from None
 
 
+def expected_original_keys(config: LocAtViTConfig) -> list[str]:
+    """The timm keys a checkpoint of this architecture must hold (the classifier `head` is optional)."""
+    keys = [*EMBEDDING_KEYS, "norm.weight", "norm.bias"]
+    block_modules = [old for old in BLOCK_KEYS if config.use_gaussian_attention or ".gaug." not in old]
+    for index in range(config.num_hidden_layers):
+        keys.append(f"blocks.{index}.attn.qkv.weight")
+        if config.qkv_bias:
+            keys.append(f"blocks.{index}.attn.qkv.bias")
+        keys += [f"blocks.{index}.{module}.{kind}" for module in block_modules for kind in ("weight", "bias")]
+    return keys
+
+
 def convert_state_dict(state_dict: dict[str, torch.Tensor], config: LocAtViTConfig, task: str) -> dict:
     """timm keys -> keys of the model class for `task`. Tensors the task has no place for (the classifier for a
     segmentation model, the final norm for a backbone) are dropped; any other unused tensor is an error."""
+    missing = sorted(set(expected_original_keys(config)) - set(state_dict))
+    if missing:
+        raise ConversionError(f"missing keys in the checkpoint: {missing}.")
     source = dict(state_dict)
     converted = {}
     for old, new in EMBEDDING_KEYS.items():

@@ -1,0 +1,203 @@
+"""The converter reads the original's checkpoints in every form of SPEC §7 and refuses anything else clearly."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from locatvit_hf import LocAtViTBackbone, LocAtViTForImageClassification, LocAtViTForSemanticSegmentation
+from locatvit_hf.convert import ConversionError, load_converted, main
+
+
+def timm_state_dict(hidden=32, depth=2, heads=2, grid=4, patch=8, classes=5, gaug=True) -> dict:
+    """Random weights under the original's (timm) key names and shapes."""
+    head_dim = hidden // heads
+    sd = {
+        "cls_token": torch.randn(1, 1, hidden),
+        "pos_embed": torch.randn(1, 1 + grid * grid, hidden),
+        "patch_embed.proj.weight": torch.randn(hidden, 3, patch, patch),
+        "patch_embed.proj.bias": torch.randn(hidden),
+        "norm.weight": torch.randn(hidden),
+        "norm.bias": torch.randn(hidden),
+        "head.weight": torch.randn(classes, hidden),
+        "head.bias": torch.randn(classes),
+    }
+    for i in range(depth):
+        p = f"blocks.{i}."
+        sd.update(
+            {
+                p + "norm1.weight": torch.randn(hidden),
+                p + "norm1.bias": torch.randn(hidden),
+                p + "attn.qkv.weight": torch.randn(3 * hidden, hidden),
+                p + "attn.qkv.bias": torch.randn(3 * hidden),
+                p + "attn.proj.weight": torch.randn(hidden, hidden),
+                p + "attn.proj.bias": torch.randn(hidden),
+                p + "norm2.weight": torch.randn(hidden),
+                p + "norm2.bias": torch.randn(hidden),
+                p + "mlp.fc1.weight": torch.randn(4 * hidden, hidden),
+                p + "mlp.fc1.bias": torch.randn(4 * hidden),
+                p + "mlp.fc2.weight": torch.randn(hidden, 4 * hidden),
+                p + "mlp.fc2.bias": torch.randn(hidden),
+            }
+        )
+        if gaug:
+            sd.update(
+                {
+                    p + "attn.gaug.log_var.weight": torch.randn(2, head_dim),
+                    p + "attn.gaug.log_var.bias": torch.randn(2),
+                    p + "attn.gaug.log_alpha.weight": torch.randn(1, head_dim),
+                    p + "attn.gaug.log_alpha.bias": torch.randn(1),
+                }
+            )
+    return sd
+
+
+def assert_weights_placed(model, sd):
+    """Every original tensor sits where it belongs (qkv split in thirds)."""
+    ours = model.state_dict()
+    prefix = "locatvit." if not isinstance(model, LocAtViTBackbone) else ""
+    hidden = sd["cls_token"].shape[-1]
+    assert torch.equal(ours[prefix + "embeddings.position_embeddings"], sd["pos_embed"])
+    assert torch.equal(ours[prefix + "embeddings.patch_embeddings.projection.weight"], sd["patch_embed.proj.weight"])
+    qkv = sd["blocks.1.attn.qkv.weight"]
+    for index, name in enumerate(("q_proj", "k_proj", "v_proj")):
+        weight = ours[f"{prefix}encoder.layers.1.attention.{name}.weight"]
+        assert torch.equal(weight, qkv[index * hidden : (index + 1) * hidden])
+    if "blocks.0.attn.gaug.log_var.weight" in sd:
+        variance = ours[prefix + "encoder.layers.0.attention.gaussian_bias.variance_proj.weight"]
+        assert torch.equal(variance, sd["blocks.0.attn.gaug.log_var.weight"])
+    assert torch.equal(ours[prefix + "encoder.layers.1.mlp.fc2.bias"], sd["blocks.1.mlp.fc2.bias"])
+
+
+@pytest.mark.parametrize("form", ["safetensors", "pth", "state_dict", "model", "state_dict_ema", "ddp"])
+def test_reads_every_checkpoint_form(tmp_path, form):
+    sd = timm_state_dict()
+    if form == "safetensors":
+        path = tmp_path / "model.safetensors"
+        save_file(sd, str(path))
+    elif form == "ddp":
+        path = tmp_path / "checkpoint.pth"
+        torch.save({f"module.{k}": v for k, v in sd.items()}, path)
+    else:
+        path = tmp_path / ("model.pth" if form == "pth" else "checkpoint.pth.tar")
+        torch.save(sd if form == "pth" else {form: sd, "epoch": 3}, path)
+    model = load_converted(str(path))
+    assert isinstance(model, LocAtViTForImageClassification)
+    config = model.config
+    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (32, 2, 2)
+    assert (config.image_size, config.patch_size, config.num_labels) == ([32, 32], [8, 8], 5)
+    assert config.use_gaussian_attention and config.use_patch_refinement
+    assert_weights_placed(model, sd)
+    assert torch.equal(model.classifier.weight, sd["head.weight"])
+
+
+def test_plain_vit_baseline_converts_without_gaug(tmp_path):
+    sd = timm_state_dict(hidden=128, heads=2, gaug=False)
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    model = load_converted(str(tmp_path / "model.safetensors"))
+    assert not model.config.use_gaussian_attention and not model.config.use_patch_refinement
+    assert model.config.num_attention_heads == 2  # head_dim 64, as for every released size
+    assert_weights_placed(model, sd)
+
+
+def test_hub_style_folder_with_timm_config(tmp_path):
+    sd = timm_state_dict(grid=4)
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    timm_config = {"architecture": "locatvit_tiny", "num_classes": 5, "pretrained_cfg": {"input_size": [3, 32, 32]}}
+    (tmp_path / "config.json").write_text(json.dumps(timm_config))
+    model = load_converted(str(tmp_path))
+    assert model.config.image_size == [32, 32]
+
+
+@pytest.mark.parametrize(
+    "task, model_class", [("semantic-segmentation", LocAtViTForSemanticSegmentation), ("backbone", LocAtViTBackbone)]
+)
+def test_other_tasks(tmp_path, task, model_class):
+    sd = timm_state_dict()
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    model = load_converted(str(tmp_path / "model.safetensors"), task)
+    assert type(model) is model_class
+    assert_weights_placed(model, sd)
+
+
+def test_cli_converts_parity_checkpoint(parity_dir, tmp_path):
+    output = tmp_path / "converted"
+    result = subprocess.run(
+        [sys.executable, "-m", "locatvit_hf.convert", "--checkpoint", str(parity_dir), "--output", str(output)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    assert (output / "model.safetensors").is_file() and (output / "config.json").is_file()
+    model = LocAtViTForImageClassification.from_pretrained(output).eval()
+    expected = load_file(str(parity_dir / "expected.safetensors"))
+    with torch.no_grad():
+        logits = model(expected["cls224.pixel_values"]).logits
+    assert (logits - expected["cls224.logits"]).abs().max() <= 1e-4
+
+
+def run_cli(checkpoint, tmp_path):
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "locatvit_hf.convert",
+            "--checkpoint",
+            str(checkpoint),
+            "--output",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    not_a_checkpoint = tmp_path / "notes.safetensors"
+    not_a_checkpoint.write_text("hello")
+    assert_one_line_error(run_cli(not_a_checkpoint, tmp_path), "notes.safetensors", "not a readable safetensors")
+
+    missing = timm_state_dict()
+    del missing["blocks.1.mlp.fc1.weight"]
+    save_file(missing, str(tmp_path / "missing.safetensors"))
+    assert_one_line_error(run_cli(tmp_path / "missing.safetensors", tmp_path), "missing", "blocks.1.mlp.fc1.weight")
+
+    extra = timm_state_dict()
+    extra["blocks.0.attn.rel_pos.weight"] = torch.zeros(3)
+    save_file(extra, str(tmp_path / "extra.safetensors"))
+    assert_one_line_error(run_cli(tmp_path / "extra.safetensors", tmp_path), "unexpected", "rel_pos")
+
+    foreign = {"conv1.weight": torch.zeros(3), "fc.weight": torch.zeros(3)}
+    save_file(foreign, str(tmp_path / "resnet.safetensors"))
+    assert_one_line_error(run_cli(tmp_path / "resnet.safetensors", tmp_path), "not a timm ViT/LocAtViT", "cls_token")
+
+    assert_one_line_error(run_cli(tmp_path / "nowhere.pth", tmp_path), "does not exist")
+
+
+def test_pickle_that_runs_code_is_refused(tmp_path):
+    class Exploit:
+        def __reduce__(self):
+            return (exec, ("open('pwned.txt', 'w').write('x')",))
+
+    path = tmp_path / "evil.pth"
+    torch.save({"state_dict": Exploit()}, path)
+    with pytest.raises(ConversionError, match="weights-only"):
+        load_converted(str(path))
+    assert not (tmp_path / "pwned.txt").exists()
+
+
+def test_main_returns_exit_code(tmp_path, capsys):
+    assert main(["--checkpoint", str(tmp_path / "absent.pth"), "--output", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.startswith("error: ")

@@ -1,0 +1,68 @@
+"""A saved model loads with `trust_remote_code=True` in a Python where `locatvit_hf` cannot be imported."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import torch
+
+from locatvit_hf import LocAtViTForSemanticSegmentation
+
+from .conftest import tiny_config
+
+REMOTE_LOAD = textwrap.dedent(
+    """
+    import sys
+    sys.modules["locatvit_hf"] = None  # `import locatvit_hf` now raises ImportError
+    try:
+        import locatvit_hf
+    except ImportError:
+        pass
+    else:
+        raise SystemExit("locatvit_hf is importable")
+
+    import torch
+    from transformers import AutoConfig, AutoModel, AutoModelForSemanticSegmentation
+
+    folder = sys.argv[1]
+    inputs = torch.load(folder + "/inputs.pt")
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
+    assert type(config).__module__.startswith("transformers_modules"), type(config).__module__
+    model = AutoModelForSemanticSegmentation.from_pretrained(folder, trust_remote_code=True).eval()
+    assert type(model).__name__ == "LocAtViTForSemanticSegmentation"
+    assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+    with torch.no_grad():
+        logits = model(inputs["pixel_values"]).logits
+        base_model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+        base = base_model(inputs["pixel_values"])
+    torch.testing.assert_close(logits, inputs["logits"], rtol=0, atol=0)
+    torch.testing.assert_close(base.last_hidden_state, inputs["last_hidden_state"], rtol=0, atol=0)
+    print("REMOTE OK", type(base_model).__name__)
+    """
+)
+
+
+def test_remote_code_load_without_package(tmp_path):
+    model = LocAtViTForSemanticSegmentation(tiny_config()).eval()
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    pixel_values = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        logits = model(pixel_values).logits
+        last_hidden_state = model.locatvit(pixel_values).last_hidden_state
+    torch.save(
+        {"pixel_values": pixel_values, "logits": logits, "last_hidden_state": last_hidden_state},
+        folder / "inputs.pt",
+    )
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", REMOTE_LOAD, str(folder)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "REMOTE OK LocAtViTModel" in result.stdout
