@@ -7,8 +7,14 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import AutoImageProcessor
 
-from locatvit_hf import LocAtViTBackbone, LocAtViTForImageClassification, LocAtViTForSemanticSegmentation
+from locatvit_hf import (
+    LocAtViTBackbone,
+    LocAtViTForImageClassification,
+    LocAtViTForSemanticSegmentation,
+    LocAtViTImageProcessor,
+)
 from locatvit_hf.convert import ConversionError, load_converted, main
 
 
@@ -132,6 +138,10 @@ def test_cli_converts_parity_checkpoint(parity_dir, tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert (output / "model.safetensors").is_file() and (output / "config.json").is_file()
+    processor = AutoImageProcessor.from_pretrained(output)
+    assert type(processor) is LocAtViTImageProcessor
+    assert (processor.size.shortest_edge, processor.crop_size.height) == (248, 224)  # crop ratio 0.9 of config.json
+    assert list(processor.image_mean) == [0.5, 0.5, 0.5] and processor.resample == 3  # bicubic
     model = LocAtViTForImageClassification.from_pretrained(output).eval()
     expected = load_file(str(parity_dir / "expected.safetensors"))
     with torch.no_grad():

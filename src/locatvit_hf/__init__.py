@@ -6,12 +6,14 @@ Importing the package registers the configuration and every model class with the
 from transformers import (
     AutoBackbone,
     AutoConfig,
+    AutoImageProcessor,
     AutoModel,
     AutoModelForImageClassification,
     AutoModelForSemanticSegmentation,
 )
 
 from .configuration_locatvit import PRESETS, LocAtViTConfig
+from .image_processing_locatvit import LocAtViTImageProcessor, LocAtViTImageProcessorPil
 from .modeling_locatvit import (
     LocAtViTBackbone,
     LocAtViTForImageClassification,
@@ -35,6 +37,12 @@ for _auto_class, _model_class in _AUTO_CLASSES.items():
     _auto_class.register(LocAtViTConfig, _model_class, exist_ok=True)
     # Saved models then carry the model files, so they also load with `trust_remote_code=True` without this package.
     _model_class.register_for_auto_class(_auto_class.__name__)
+AutoImageProcessor.register(
+    LocAtViTConfig,
+    image_processor_classes={"torchvision": LocAtViTImageProcessor, "pil": LocAtViTImageProcessorPil},
+    exist_ok=True,
+)
+LocAtViTImageProcessor.register_for_auto_class("AutoImageProcessor")
 
 __all__ = [
     "PRESETS",
@@ -42,6 +50,8 @@ __all__ = [
     "LocAtViTConfig",
     "LocAtViTForImageClassification",
     "LocAtViTForSemanticSegmentation",
+    "LocAtViTImageProcessor",
+    "LocAtViTImageProcessorPil",
     "LocAtViTModel",
     "LocAtViTPreTrainedModel",
 ]

@@ -20,6 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from .configuration_locatvit import LocAtViTConfig
+from .image_processing_locatvit import LocAtViTImageProcessor
 from .modeling_locatvit import LocAtViTBackbone, LocAtViTForImageClassification, LocAtViTForSemanticSegmentation
 
 TASKS = {
@@ -219,9 +220,13 @@ def convert_state_dict(state_dict: dict[str, torch.Tensor], config: LocAtViTConf
 
 def load_converted(checkpoint: str, task: str = "image-classification", **config_overrides):
     """Build the Transformers model for `task` from an original checkpoint, checking every tensor."""
+    state_dict, timm_config = load_original_checkpoint(checkpoint)
+    return build_converted(state_dict, timm_config, task, **config_overrides)
+
+
+def build_converted(state_dict: dict, timm_config: dict, task: str, **config_overrides):
     if task not in TASKS:
         raise ConversionError(f"unknown task {task!r}: choose one of {sorted(TASKS)}.")
-    state_dict, timm_config = load_original_checkpoint(checkpoint)
     if task == "semantic-segmentation" and "num_labels" not in config_overrides:
         config_overrides["num_labels"] = 150  # ADE20K, the paper's main benchmark; a new head is trained anyway
     config = config_from_original(state_dict, timm_config, **config_overrides)
@@ -246,11 +251,39 @@ def load_converted(checkpoint: str, task: str = "image-classification", **config
     return model.eval()
 
 
+def image_processor_for(task: str, timm_config: dict | None = None) -> LocAtViTImageProcessor:
+    """The preprocessing the converted model expects: the segmentation protocol's (SPEC §5) for segmentation, else
+    the checkpoint's own `pretrained_cfg` (mean, std, interpolation, crop ratio), defaulting to SPEC §6."""
+    if task == "semantic-segmentation":
+        return LocAtViTImageProcessor.for_segmentation()
+    pretrained_cfg = (timm_config or {}).get("pretrained_cfg", {})
+    kwargs = {}
+    if "mean" in pretrained_cfg and "std" in pretrained_cfg:
+        kwargs.update(image_mean=list(pretrained_cfg["mean"]), image_std=list(pretrained_cfg["std"]))
+    if "input_size" in pretrained_cfg:
+        height, width = pretrained_cfg["input_size"][-2:]
+        crop_pct = pretrained_cfg.get("crop_pct", 0.9)
+        # timm's eval transform: resize the shorter side to floor(size / crop_pct), then center crop.
+        kwargs.update(size={"shortest_edge": math.floor(min(height, width) / crop_pct)})
+        kwargs.update(crop_size={"height": height, "width": width})
+    interpolation = pretrained_cfg.get("interpolation")
+    if interpolation in ("bilinear", "bicubic", "nearest"):
+        from transformers.image_utils import PILImageResampling
+
+        kwargs["resample"] = PILImageResampling[interpolation.upper()]
+    return LocAtViTImageProcessor(**kwargs)
+
+
 def convert(checkpoint: str, output: str, task: str = "image-classification", push_to_hub: str | None = None):
-    model = load_converted(checkpoint, task)
+    """Convert, then save the model and its image processor to `output` (and push both to `push_to_hub`)."""
+    state_dict, timm_config = load_original_checkpoint(checkpoint)
+    model = build_converted(state_dict, timm_config, task)
+    image_processor = image_processor_for(task, timm_config)
     model.save_pretrained(output)
+    image_processor.save_pretrained(output)
     if push_to_hub:
         model.push_to_hub(push_to_hub)
+        image_processor.push_to_hub(push_to_hub)
     return model
 
 
