@@ -39,7 +39,9 @@ def test_layer0_gaussian_bias_matches_original(model, expected):
     pixel_values = expected["cls224.pixel_values"][:1]
     captured = {}
     attention = model.locatvit.encoder.layers[0].attention
-    hook = attention.gaussian_bias.register_forward_hook(lambda module, args, output: captured.update(bias=output))
+    hook = attention.gaussian_bias.register_forward_hook(
+        lambda module, args, output: captured.update(bias=output.clone())
+    )
     try:
         with torch.no_grad():
             model(pixel_values)

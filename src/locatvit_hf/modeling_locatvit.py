@@ -3,7 +3,9 @@
 Hajimiri et al., "Locality-Attending Vision Transformer", ICLR 2026. Every formula here is SPEC §2-5.
 """
 
+import functools
 import math
+import threading
 from collections.abc import Callable
 
 import torch
@@ -96,14 +98,101 @@ class LocAtViTEmbeddings(nn.Module):
         return self.dropout(embeddings), grid_size
 
 
+class SeparableBiasWriter(torch.autograd.Function):
+    """Writes B[i, j] = row[i, r_j] * col[i, c_j] for patch queries i and keys j straight into the (B, heads, N, N)
+    mask the attention reads, with zero rows and columns for the prefix tokens.
+
+    Autograd through the formula would build the (B, heads, P, H, W) product, copy it into a padded buffer, and in
+    backward read the mask gradient through strided views. Here the forward is one broadcast multiply into the mask's
+    patch block, and the backward reduces the incoming gradient to the (B, heads, P, H) and (B, heads, P, W) profile
+    gradients with batched matmuls over each (batch, head) slice, without copying it.
+    """
+
+    @staticmethod
+    def forward(
+        ctx, row: torch.Tensor, col: torch.Tensor, num_prefix: int, bias: torch.Tensor | None, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """`bias`: an uninitialized (B, heads, N, N) tensor to write into, or None to allocate one."""
+        batch, heads, num_patches, height = row.shape
+        width = col.shape[-1]
+        seq_len = num_prefix + num_patches
+        if bias is None:
+            bias = row.new_empty((batch, heads, seq_len, seq_len), dtype=dtype)
+        bias[:, :, :num_prefix] = 0
+        bias[:, :, num_prefix:, :num_prefix] = 0
+        patch_block = bias[:, :, num_prefix:, num_prefix:].unflatten(-1, (height, width))
+        torch.mul(row.unsqueeze(-1), col.unsqueeze(-2), out=patch_block)
+        ctx.save_for_backward(row, col)
+        ctx.num_prefix = num_prefix
+        return bias
+
+    @staticmethod
+    def backward(ctx, grad_bias: torch.Tensor):
+        row, col = ctx.saved_tensors
+        num_prefix = ctx.num_prefix
+        batch, heads, num_patches, height = row.shape
+        width = col.shape[-1]
+        grad_row = torch.empty_like(row) if ctx.needs_input_grad[0] else None
+        grad_col = torch.empty_like(col) if ctx.needs_input_grad[1] else None
+        for b in range(batch):
+            for h in range(heads):
+                # (P, H, W) with strides (N, W, 1): a valid bmm operand, no copy.
+                grad = grad_bias[b, h, num_prefix:, num_prefix:].unflatten(-1, (height, width)).to(row.dtype)
+                if grad_row is not None:
+                    torch.bmm(grad, col[b, h].unsqueeze(-1), out=grad_row[b, h].unsqueeze(-1))
+                if grad_col is not None:
+                    torch.bmm(row[b, h].unsqueeze(-2), grad, out=grad_col[b, h].unsqueeze(-2))
+        return grad_row, grad_col, None, None, None
+
+
+@functools.lru_cache(maxsize=16)
+def query_distance_tables(height: int, width: int, floor: float, device: torch.device):
+    """Clamped -0.5 * squared distances from every patch (row-major) to each grid row (P, H) and column (P, W).
+
+    Cached for the few grid sizes a run meets; shared by all layers, whose constants are the same."""
+    rows = torch.arange(height, device=device, dtype=torch.float32)
+    cols = torch.arange(width, device=device, dtype=torch.float32)
+    row_table = (-0.5 * (rows[:, None] - rows[None, :]) ** 2).clamp(min=floor)
+    col_table = (-0.5 * (cols[:, None] - cols[None, :]) ** 2).clamp(min=floor)
+    return row_table.repeat_interleave(width, dim=0), col_table.repeat(height, 1)
+
+
+class BiasWorkspace:
+    """The one (B, heads, N, N) bias buffer that all layers of an encoder write into when no gradient is recorded.
+
+    Without a gradient nothing keeps a layer's bias once its attention has read it, so one buffer serves every layer
+    and every call: the bias then costs its writes only, not a fresh allocation (and, on CPU, its page faults) per
+    layer. One buffer per thread, so concurrent inference calls do not share it. Consequence for forward hooks on
+    `LocAtViTGaussianBias`: in inference its output is overwritten by the next layer; clone it to keep it.
+    """
+
+    def __init__(self):
+        self._buffers: dict[int, torch.Tensor] = {}
+
+    def get(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        thread = threading.get_ident()
+        buffer = self._buffers.get(thread)
+        if buffer is None or buffer.shape != shape or buffer.dtype != dtype or buffer.device != device:
+            self._buffers.pop(thread, None)  # free the old one before allocating its replacement
+            live = {t.ident for t in threading.enumerate()}
+            self._buffers = {t: b for t, b in self._buffers.items() if t in live}
+            buffer = self._buffers[thread] = torch.empty(shape, dtype=dtype, device=device)
+        return buffer
+
+    def clear(self) -> None:
+        self._buffers.clear()
+
+
 class LocAtViTGaussianBias(nn.Module):
     """GAug (SPEC §2): an additive attention bias pulling each patch query towards its neighbours.
 
     For query patch i at grid position (r_i, c_i) and key patch j:
         B_ij = alpha_i * exp(d_row(i, j) / (var_i[0] + eps) + d_col(i, j) / (var_i[1] + eps)),
     with d = -0.5 * squared distance, and per-query variances `var_i` and strength `alpha_i` predicted from q_i by two
-    tiny linear maps shared by all heads of the layer. The exponential factorizes into a row profile and a column
-    profile, so the bias costs (H + W) exponentials per query instead of H * W. Evaluated in float32, cast once.
+    tiny linear maps shared by all heads of the layer. The exponential factorizes into a row profile
+    alpha_i * exp(d_row / (var_i[0] + eps)) over the H rows and a column profile exp(d_col / (var_i[1] + eps)) over
+    the W columns: (H + W) exponentials per query instead of H * W, evaluated in float32, and their outer product
+    is written once, in the attention's dtype, into the mask (`SeparableBiasWriter`).
     """
 
     def __init__(self, config: LocAtViTConfig):
@@ -122,60 +211,64 @@ class LocAtViTGaussianBias(nn.Module):
         self.min_half_sq_distance = max(-0.5 * (side - 1) ** 2, -6550.0)
         # Only models configured at >= 32 patches a side use the original's pooled-query shortcut in training.
         self.pools_queries_in_training = min(self.initial_grid) >= 32
+        # Set by the encoder: a buffer shared by its layers, reused when no gradient is recorded.
+        self.workspace: BiasWorkspace | None = None
 
-    def _half_sq_distances(self, length: int, device: torch.device) -> torch.Tensor:
-        """(length, length) table of -0.5 * (a - b)^2 along one grid axis, clamped as in the original."""
-        positions = torch.arange(length, device=device, dtype=torch.float32)
-        return (-0.5 * (positions[:, None] - positions[None, :]) ** 2).clamp(min=self.min_half_sq_distance)
+    def query_distances(self, grid_size: tuple[int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """-0.5 * squared distances from each patch query (row-major) to every grid row (P, H) and column (P, W),
+        clamped as in the original."""
+        if torch.compiler.is_compiling():
+            return query_distance_tables.__wrapped__(*grid_size, self.min_half_sq_distance, device)
+        return query_distance_tables(*grid_size, self.min_half_sq_distance, torch.device(device))
 
-    def variance_and_strength(self, patch_queries: torch.Tensor, grid_size: tuple[int, int]):
-        """Per-query variances (..., 2: row, column) and strengths (..., 1), in float32."""
-        with torch.autocast(device_type=patch_queries.device.type, enabled=False):
-            queries = patch_queries.float()
-            variance = self.max_variance * torch.sigmoid(
-                F.linear(queries, self.variance_proj.weight.float(), self.variance_proj.bias.float())
-                - self.variance_shift
-            )
+    def variance_and_strength(self, queries: torch.Tensor, grid_size: tuple[int, int]):
+        """Variances (..., 2: row, column) and strengths (..., 1) of `queries` (batch, heads, tokens, head_dim), in
+        float32 (float64 for float64 queries)."""
+        dtype = torch.promote_types(queries.dtype, torch.float32)
+        with torch.autocast(device_type=queries.device.type, enabled=False):
+            # Both maps in one matmul, over the token-major layout the q projection wrote (no copy for its view).
+            weight = torch.cat((self.variance_proj.weight, self.strength_proj.weight)).to(dtype)
+            bias = torch.cat((self.variance_proj.bias, self.strength_proj.bias)).to(dtype)
+            projected = F.linear(queries.transpose(1, 2).to(dtype), weight, bias).transpose(1, 2)
+            variance = self.max_variance * torch.sigmoid(projected[..., :2] - self.variance_shift)
             if tuple(grid_size) != self.initial_grid:
                 variance = variance * (min(grid_size) / min(self.initial_grid))
-            strength = F.softplus(
-                F.linear(queries, self.strength_proj.weight.float(), self.strength_proj.bias.float())
-            )
+            strength = F.softplus(projected[..., 2:])
         return variance, strength
 
-    def patch_bias(
-        self, patch_queries: torch.Tensor, grid_size: tuple[int, int], query_rows: torch.Tensor, query_cols
-    ) -> torch.Tensor:
-        """Bias (batch, heads, queries, H * W) of the given patch queries located at (`query_rows`, `query_cols`)."""
-        height, width = grid_size
-        variance, strength = self.variance_and_strength(patch_queries, grid_size)
-        with torch.autocast(device_type=patch_queries.device.type, enabled=False):
-            row_distances = self._half_sq_distances(height, patch_queries.device)[query_rows]  # (Q, H)
-            col_distances = self._half_sq_distances(width, patch_queries.device)[query_cols]  # (Q, W)
-            row_profile = torch.exp(row_distances / (variance[..., 0:1] + self.eps))  # (B, h, Q, H)
-            col_profile = torch.exp(col_distances / (variance[..., 1:2] + self.eps))  # (B, h, Q, W)
-            bias = (strength * row_profile).unsqueeze(-1) * col_profile.unsqueeze(-2)  # (B, h, Q, H, W)
-        return bias.flatten(-2)
+    def profiles(
+        self, variance: torch.Tensor, strength: torch.Tensor, row_distances: torch.Tensor, col_distances: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row profiles alpha * exp(d_row / (var_row + eps)) (batch, heads, Q, H) and column profiles
+        exp(d_col / (var_col + eps)) (batch, heads, Q, W) of Q queries, from their distance tables (Q, H), (Q, W)."""
+        with torch.autocast(device_type=variance.device.type, enabled=False):
+            row_profile = strength * torch.exp(row_distances.to(variance.dtype) / (variance[..., 0:1] + self.eps))
+            col_profile = torch.exp(col_distances.to(variance.dtype) / (variance[..., 1:2] + self.eps))
+        return row_profile, col_profile
 
     def forward(self, query: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
         """Full (batch, heads, N, N) bias in `query`'s dtype; rows and columns of the CLS token are 0."""
-        batch, heads, seq_len, _ = query.shape
-        height, width = grid_size
-        patch_queries = query[:, :, NUM_PREFIX_TOKENS:]
-        device = query.device
         if self.training and self.pools_queries_in_training:
-            patch_bias = self._pooled_patch_bias(patch_queries, grid_size)
+            row_profile, col_profile = self._pooled_profiles(query[:, :, NUM_PREFIX_TOKENS:], grid_size)
         else:
-            rows = torch.arange(height, device=device).repeat_interleave(width)
-            cols = torch.arange(width, device=device).repeat(height)
-            patch_bias = self.patch_bias(patch_queries, grid_size, rows, cols)
-        bias = query.new_zeros(batch, heads, seq_len, seq_len)
-        bias[:, :, NUM_PREFIX_TOKENS:, NUM_PREFIX_TOKENS:] = patch_bias
-        return bias
+            variance, strength = self.variance_and_strength(query, grid_size)
+            row_profile, col_profile = self.profiles(
+                variance[:, :, NUM_PREFIX_TOKENS:],
+                strength[:, :, NUM_PREFIX_TOKENS:],
+                *self.query_distances(grid_size, query.device),
+            )
+        if torch.compiler.is_compiling():  # the compiler fuses the formula itself
+            patch_bias = (row_profile.unsqueeze(-1) * col_profile.unsqueeze(-2)).flatten(-2).to(query.dtype)
+            return F.pad(patch_bias, (NUM_PREFIX_TOKENS, 0, NUM_PREFIX_TOKENS, 0))
+        workspace = None
+        if self.workspace is not None and not torch.is_grad_enabled():
+            batch, heads, seq_len, _ = query.shape
+            workspace = self.workspace.get((batch, heads, seq_len, seq_len), query.dtype, query.device)
+        return SeparableBiasWriter.apply(row_profile, col_profile, NUM_PREFIX_TOKENS, workspace, query.dtype)
 
-    def _pooled_patch_bias(self, patch_queries: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
+    def _pooled_profiles(self, patch_queries: torch.Tensor, grid_size: tuple[int, int]):
         """The original's training shortcut for large initial grids (SPEC §2): queries average-pooled over 2x2 patch
-        blocks, the bias evaluated for the query at every second row and column, then repeated 2x along both axes."""
+        blocks, the bias evaluated for the query at every second row and column, and shared by its 2x2 block."""
         batch, heads, _, dim = patch_queries.shape
         height, width = grid_size
         grid = patch_queries.reshape(batch * heads, height, width, dim).permute(0, 3, 1, 2)
@@ -183,11 +276,19 @@ class LocAtViTGaussianBias(nn.Module):
         pooled_h, pooled_w = pooled.shape[-2:]
         pooled = pooled.permute(0, 2, 3, 1).reshape(batch, heads, pooled_h * pooled_w, dim)
         device = patch_queries.device
-        rows = (2 * torch.arange(pooled_h, device=device)).repeat_interleave(pooled_w)
-        cols = (2 * torch.arange(pooled_w, device=device)).repeat(pooled_h)
-        bias = self.patch_bias(pooled, grid_size, rows, cols).reshape(batch, heads, pooled_h, pooled_w, -1)
-        bias = bias.repeat_interleave(2, dim=2)[:, :, :height].repeat_interleave(2, dim=3)[:, :, :, :width]
-        return bias.reshape(batch, heads, height * width, height * width)
+        # Each patch's 2x2 block, and the block's even corner, whose position the pooled query takes.
+        block = (torch.arange(height, device=device) // 2)[:, None] * pooled_w + torch.arange(
+            width, device=device
+        ) // 2
+        block = block.flatten()
+        corners = (torch.arange(pooled_h, device=device) * 2)[:, None] * width + torch.arange(
+            pooled_w, device=device
+        ) * 2
+        row_distances, col_distances = self.query_distances(grid_size, device)
+        corners = corners.flatten()
+        variance, strength = self.variance_and_strength(pooled, grid_size)
+        row_profile, col_profile = self.profiles(variance, strength, row_distances[corners], col_distances[corners])
+        return row_profile[:, :, block], col_profile[:, :, block]
 
 
 def eager_attention_forward(
@@ -309,6 +410,10 @@ class LocAtViTEncoder(nn.Module):
         super().__init__()
         rates = torch.linspace(0, config.drop_path_rate, config.num_hidden_layers).tolist()
         self.layers = nn.ModuleList([LocAtViTLayer(config, rate) for rate in rates])
+        self.bias_workspace = BiasWorkspace()
+        for layer in self.layers:
+            if layer.attention.gaussian_bias is not None:
+                layer.attention.gaussian_bias.workspace = self.bias_workspace
 
     def forward(
         self, hidden_states: torch.Tensor, grid_size: tuple[int, int], **kwargs: Unpack[TransformersKwargs]

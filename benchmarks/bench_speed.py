@@ -1,0 +1,207 @@
+"""LocAtViT against transformers' ViT of the same size: time and memory ratios measured in one run.
+
+    python benchmarks/bench_speed.py [--repeats 7] [--json benchmarks/results.json] [--quick]
+
+Both models use `sdpa`, the same hidden size, depth, heads, patch and configured image size (224); other resolutions
+go through `interpolate_pos_encoding=True`, as when fine-tuning or segmenting at 512 px. Runs are interleaved after a
+warm-up and the ratio of the medians is reported. Training memory is measured for each model in a fresh subprocess:
+peak RSS sampled during one training step minus the RSS just before it on CPU (`max_memory_allocated` minus the
+allocation before it on CUDA), so it counts activations, gradients and optimizer state, not the libraries.
+"""
+
+import argparse
+import ctypes
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+import torch
+from transformers import ViTConfig, ViTForImageClassification
+
+from locatvit_hf import LocAtViTConfig, LocAtViTForImageClassification
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# (name, size, pixels, batch, mode)
+CASES = [
+    ("forward", "tiny", 224, 16, "inference"),
+    ("forward", "tiny", 512, 2, "inference"),
+    ("forward", "base", 224, 16, "inference"),
+    ("forward", "base", 512, 2, "inference"),
+    ("train step", "tiny", 224, 16, "training"),
+    ("train step", "tiny", 512, 4, "training"),
+]
+MEMORY_CASE = ("tiny", 512, 4)
+
+
+def build(kind: str, size: str, gradient_checkpointing: bool = False):
+    config = LocAtViTConfig.from_preset(size, num_labels=1000)
+    if kind == "vit":
+        vit_config = ViTConfig(
+            hidden_size=config.hidden_size,
+            num_hidden_layers=config.num_hidden_layers,
+            num_attention_heads=config.num_attention_heads,
+            intermediate_size=config.intermediate_size,
+            image_size=224,
+            patch_size=16,
+            layer_norm_eps=1e-6,
+            num_labels=1000,
+        )
+        model = ViTForImageClassification._from_config(vit_config, attn_implementation="sdpa")
+    else:
+        model = LocAtViTForImageClassification._from_config(config, attn_implementation="sdpa")
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model.to(DEVICE)
+
+
+def make_step(model, pixels: int, batch: int, mode: str):
+    x = torch.randn(batch, 3, pixels, pixels, device=DEVICE)
+    labels = torch.randint(0, 1000, (batch,), device=DEVICE)
+    interpolate = pixels != 224
+    if mode == "inference":
+        model.eval()
+
+        def step():
+            with torch.inference_mode():
+                model(x, interpolate_pos_encoding=interpolate)
+
+        return step
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step():
+        loss = model(x, labels=labels, interpolate_pos_encoding=interpolate).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def timed(step) -> float:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    step()
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def time_ratio(size: str, pixels: int, batch: int, mode: str, repeats: int) -> dict:
+    steps = {kind: make_step(build(kind, size), pixels, batch, mode) for kind in ("locatvit", "vit")}
+    for step in steps.values():  # warm-up
+        step()
+        step()
+    times = {kind: [] for kind in steps}
+    for _ in range(repeats):  # interleaved, so drifts of the machine hit both
+        for kind, step in steps.items():
+            times[kind].append(timed(step))
+    medians = {kind: statistics.median(values) for kind, values in times.items()}
+    return {
+        "locatvit_s": medians["locatvit"],
+        "vit_s": medians["vit"],
+        "ratio": medians["locatvit"] / medians["vit"],
+    }
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def memory_child(kind: str, gradient_checkpointing: bool) -> int:
+    """Extra memory of one training step of `kind`, measured in this (fresh) process."""
+    size, pixels, batch = MEMORY_CASE
+    model = build(kind, size, gradient_checkpointing)
+    with torch.no_grad():  # loads the kernels, so that their one-off allocations are not counted
+        model.eval()(torch.randn(1, 3, pixels, pixels, device=DEVICE), interpolate_pos_encoding=True)
+    step = make_step(model, pixels, batch, "training")
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+    before = rss_bytes()
+    peak = before
+    done = threading.Event()
+
+    def sample():
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, rss_bytes())
+            time.sleep(0.0005)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    step()
+    done.set()
+    sampler.join()
+    return max(peak, rss_bytes()) - before
+
+
+def memory_ratio(gradient_checkpointing: bool) -> dict:
+    result = {}
+    for kind in ("locatvit", "vit"):
+        command = [sys.executable, __file__, "--memory-child", kind]
+        if gradient_checkpointing:
+            command.append("--gradient-checkpointing")
+        output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+        result[f"{kind}_mb"] = int(output.strip().splitlines()[-1]) / 2**20
+    result["ratio"] = result["locatvit_mb"] / result["vit_mb"]
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--json", default="benchmarks/results.json")
+    parser.add_argument("--quick", action="store_true", help="tiny cases only, 3 repeats (a smoke run)")
+    parser.add_argument("--memory-child", choices=["locatvit", "vit"], help=argparse.SUPPRESS)
+    parser.add_argument("--gradient-checkpointing", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    if args.memory_child:
+        print(memory_child(args.memory_child, args.gradient_checkpointing))
+        return
+
+    cases = [case for case in CASES if not args.quick or case[1] == "tiny"]
+    repeats = 3 if args.quick else args.repeats
+    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {DEVICE}"
+    if DEVICE == "cuda":
+        machine = f"{torch.cuda.get_device_name()}, cuda"
+    rows = []
+    print(f"LocAtViT / ViT (transformers), sdpa, torch {torch.__version__}, {machine}")
+    print(f"{'measure':<34} {'LocAtViT':>10} {'ViT':>10} {'ratio':>7}")
+    for name, size, pixels, batch, mode in cases:
+        result = time_ratio(size, pixels, batch, mode, repeats)
+        label = f"{name}, {size}, {pixels} px, batch {batch}"
+        rows.append({"measure": label, **result})
+        print(
+            f"{label:<34} {result['locatvit_s'] * 1e3:>8.1f}ms {result['vit_s'] * 1e3:>8.1f}ms {result['ratio']:>6.2f}x"
+        )
+    size, pixels, batch = MEMORY_CASE
+    for checkpointing in (True, False):
+        result = memory_ratio(checkpointing)
+        label = f"train memory, {size}, {pixels} px, b{batch}{', ckpt' if checkpointing else ''}"
+        rows.append({"measure": label, **result})
+        print(f"{label:<34} {result['locatvit_mb']:>8.0f}MB {result['vit_mb']:>8.0f}MB {result['ratio']:>6.2f}x")
+    with open(args.json, "w") as file:
+        json.dump({"machine": machine, "torch": torch.__version__, "results": rows}, file, indent=2)
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
