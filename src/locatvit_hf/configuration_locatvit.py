@@ -83,8 +83,8 @@ class LocAtViTConfig(BackboneConfigMixin, PreTrainedConfig):
         )
         if getattr(self, "auto_map", None) is None and "auto_map" not in kwargs:
             self.auto_map = dict(AUTO_MAP)
+        self._validate_labels(kwargs.get("num_labels"))
         super().__post_init__(**kwargs)
-        self._validate_labels()
 
     @classmethod
     def from_preset(cls, name: str, **kwargs) -> "LocAtViTConfig":
@@ -130,10 +130,10 @@ class LocAtViTConfig(BackboneConfigMixin, PreTrainedConfig):
         if self.decoder_hidden_size <= 0:
             raise ValueError(f"`decoder_hidden_size` must be positive, got {self.decoder_hidden_size!r}.")
 
-    def _validate_labels(self) -> None:
-        if self.id2label is not None and len(self.id2label) != self.num_labels:
+    def _validate_labels(self, num_labels: int | None) -> None:
+        if self.id2label is not None and num_labels is not None and len(self.id2label) != num_labels:
             raise ValueError(
-                f"`id2label` has {len(self.id2label)} entries but `num_labels` is {self.num_labels}: pass matching "
+                f"`id2label` has {len(self.id2label)} entries but `num_labels` is {num_labels}: pass matching "
                 "values, or only `id2label`."
             )
 

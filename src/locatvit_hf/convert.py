@@ -13,6 +13,7 @@ import json
 import math
 import re
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -61,9 +62,12 @@ def _read_weights_file(path: Path) -> dict[str, torch.Tensor]:
         except (SafetensorError, OSError, ValueError) as error:
             raise ConversionError(f"{path} is not a readable safetensors file ({error}).") from None
     try:
-        content = torch.load(str(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols before failing; the error says it all
+            warnings.simplefilter("ignore")
+            content = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many kinds for corrupt or unsafe pickles
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        message = " ".join(str(error).split())
+        reason = message.split(". ")[0] if message else type(error).__name__
         raise ConversionError(
             f"{path} could not be loaded as a weights-only PyTorch checkpoint ({reason}). Pickles that run code are "
             "refused; re-save the state dict with torch.save(model.state_dict(), ...) or as safetensors."
