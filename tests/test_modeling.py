@@ -1,5 +1,6 @@
 """HF-style model tests: shapes, outputs, round trips, attention backends, training, resolutions, Auto classes."""
 
+import copy
 import math
 
 import pytest
@@ -89,8 +90,9 @@ def test_attentions_with_eager():
 def test_eager_equals_sdpa(model_class, use_gaussian_attention):
     config = tiny_config(use_gaussian_attention=use_gaussian_attention)
     eager = model_class._from_config(config, attn_implementation="eager").eval()
-    sdpa = model_class._from_config(config, attn_implementation="sdpa").eval()
+    sdpa = model_class._from_config(copy.deepcopy(config), attn_implementation="sdpa").eval()
     sdpa.load_state_dict(eager.state_dict())
+    assert (eager.config._attn_implementation, sdpa.config._attn_implementation) == ("eager", "sdpa")
     x = pixels(height=40, width=56)
     with torch.no_grad():
         a = main_output(eager(x, interpolate_pos_encoding=True))
@@ -384,3 +386,14 @@ def test_torch_compile_matches_eager():
     compiled = torch.compile(model, fullgraph=True)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x).logits, model(x).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_config_default_for_interpolation():
+    """Segmentation models (and the image-segmentation pipeline, which cannot pass the argument) take any size when
+    the config says so; an explicit argument still wins."""
+    model = LocAtViTForSemanticSegmentation(tiny_config(interpolate_pos_encoding=True)).eval()
+    x = pixels(height=48, width=40)
+    with torch.no_grad():
+        assert model(x).logits.shape == (2, 5, 6, 5)
+    with pytest.raises(ValueError, match="or set it in the config"):
+        model(x, interpolate_pos_encoding=False)

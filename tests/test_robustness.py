@@ -1,6 +1,7 @@
 """Bad inputs, bad checkpoints, extreme sizes and precisions: clear errors, never silent garbage."""
 
 import ast
+import copy
 import json
 import shutil
 import subprocess
@@ -158,8 +159,9 @@ def test_eager_equals_sdpa_property(batch, height, width, use_gaussian_attention
     config = tiny_config(num_hidden_layers=1, use_gaussian_attention=use_gaussian_attention)
     torch.manual_seed(0)
     eager = LocAtViTForSemanticSegmentation._from_config(config, attn_implementation="eager").eval()
-    sdpa = LocAtViTForSemanticSegmentation._from_config(config, attn_implementation="sdpa").eval()
+    sdpa = LocAtViTForSemanticSegmentation._from_config(copy.deepcopy(config), attn_implementation="sdpa").eval()
     sdpa.load_state_dict(eager.state_dict())
+    assert (eager.config._attn_implementation, sdpa.config._attn_implementation) == ("eager", "sdpa")
     x = torch.randn(batch, 3, height, width)
     with torch.no_grad():
         a = eager(x, interpolate_pos_encoding=True, output_hidden_states=True)

@@ -58,6 +58,7 @@ class LocAtViTEmbeddings(nn.Module):
 
     def __init__(self, config: LocAtViTConfig):
         super().__init__()
+        self.config = config
         self.grid_size = config.grid_size
         self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
         self.position_embeddings = nn.Parameter(
@@ -80,16 +81,20 @@ class LocAtViTEmbeddings(nn.Module):
         return torch.cat((prefix, patch), dim=1)
 
     def forward(
-        self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False
+        self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool | None = None
     ) -> tuple[torch.Tensor, tuple[int, int]]:
-        """Returns the token sequence (CLS first) and the patch grid (rows, columns) it was cut into."""
+        """Returns the token sequence (CLS first) and the patch grid (rows, columns) it was cut into.
+        `interpolate_pos_encoding=None` follows `config.interpolate_pos_encoding`."""
+        if interpolate_pos_encoding is None:
+            interpolate_pos_encoding = self.config.interpolate_pos_encoding
         patches = self.patch_embeddings(pixel_values)
         grid_size = (patches.shape[-2], patches.shape[-1])
         if not interpolate_pos_encoding and grid_size != tuple(self.grid_size):
             raise ValueError(
                 f"Input image size {tuple(pixel_values.shape[-2:])} doesn't match the model's image size "
                 f"{tuple(s * p for s, p in zip(self.grid_size, self.patch_embeddings.patch_size))}: resize the "
-                "images, or pass `interpolate_pos_encoding=True` to resample the position embeddings for this size."
+                "images, or pass `interpolate_pos_encoding=True` (or set it in the config) to resample the position "
+                "embeddings for this size."
             )
         embeddings = patches.flatten(2).transpose(1, 2)
         cls_tokens = self.cls_token.expand(embeddings.shape[0], -1, -1)
@@ -267,8 +272,18 @@ class LocAtViTGaussianBias(nn.Module):
         return SeparableBiasWriter.apply(row_profile, col_profile, NUM_PREFIX_TOKENS, workspace, query.dtype)
 
     def _pooled_profiles(self, patch_queries: torch.Tensor, grid_size: tuple[int, int]):
+        """Profiles of the original's training shortcut for large initial grids (`pooled_statistics`), evaluated once
+        per 2x2 block and shared by its four queries."""
+        variance, strength, corners, block = self.pooled_statistics(patch_queries, grid_size)
+        row_distances, col_distances = self.query_distances(grid_size, patch_queries.device)
+        row_profile, col_profile = self.profiles(variance, strength, row_distances[corners], col_distances[corners])
+        return row_profile[:, :, block], col_profile[:, :, block]
+
+    def pooled_statistics(self, patch_queries: torch.Tensor, grid_size: tuple[int, int]):
         """The original's training shortcut for large initial grids (SPEC §2): queries average-pooled over 2x2 patch
-        blocks, the bias evaluated for the query at every second row and column, and shared by its 2x2 block."""
+        blocks give one variance and strength per block, evaluated at the block's even corner (every second row and
+        column) and repeated over the block. Returns the blocks' variances and strengths, the patch index of each
+        block's corner, and the block of each patch."""
         batch, heads, _, dim = patch_queries.shape
         height, width = grid_size
         grid = patch_queries.reshape(batch * heads, height, width, dim).permute(0, 3, 1, 2)
@@ -276,19 +291,73 @@ class LocAtViTGaussianBias(nn.Module):
         pooled_h, pooled_w = pooled.shape[-2:]
         pooled = pooled.permute(0, 2, 3, 1).reshape(batch, heads, pooled_h * pooled_w, dim)
         device = patch_queries.device
-        # Each patch's 2x2 block, and the block's even corner, whose position the pooled query takes.
         block = (torch.arange(height, device=device) // 2)[:, None] * pooled_w + torch.arange(
             width, device=device
         ) // 2
-        block = block.flatten()
         corners = (torch.arange(pooled_h, device=device) * 2)[:, None] * width + torch.arange(
             pooled_w, device=device
         ) * 2
-        row_distances, col_distances = self.query_distances(grid_size, device)
-        corners = corners.flatten()
         variance, strength = self.variance_and_strength(pooled, grid_size)
-        row_profile, col_profile = self.profiles(variance, strength, row_distances[corners], col_distances[corners])
-        return row_profile[:, :, block], col_profile[:, :, block]
+        return variance, strength, corners.flatten(), block.flatten()
+
+    def score_mod(self, query: torch.Tensor, grid_size: tuple[int, int]) -> Callable:
+        """A `flex_attention` score modification that adds the bias inside the kernel, evaluating the Gaussian from
+        the per-query variances and strengths: nothing of size N x N is materialized (for long sequences)."""
+        height, width = grid_size
+        device = query.device
+        if self.training and self.pools_queries_in_training:
+            variance, strength, corners, block = self.pooled_statistics(query[:, :, NUM_PREFIX_TOKENS:], grid_size)
+            variance, strength, positions = variance[:, :, block], strength[:, :, block], corners[block]
+        else:
+            variance, strength = self.variance_and_strength(query, grid_size)
+            variance = variance[:, :, NUM_PREFIX_TOKENS:]
+            strength = strength[:, :, NUM_PREFIX_TOKENS:]
+            positions = torch.arange(height * width, device=device)
+        query_rows, query_cols = positions // width, positions % width
+        inverse_row = 1 / (variance[..., 0] + self.eps)
+        inverse_col = 1 / (variance[..., 1] + self.eps)
+        strength = strength[..., 0]
+        floor = self.min_half_sq_distance
+
+        def gaussian_score_mod(score, batch, head, q_idx, kv_idx):
+            q = (q_idx - NUM_PREFIX_TOKENS).clamp(min=0)
+            k = (kv_idx - NUM_PREFIX_TOKENS).clamp(min=0)
+            row_offset = (query_rows[q] - k // width).to(inverse_row.dtype)
+            col_offset = (query_cols[q] - k % width).to(inverse_row.dtype)
+            d_row = torch.clamp(-0.5 * row_offset * row_offset, min=floor)
+            d_col = torch.clamp(-0.5 * col_offset * col_offset, min=floor)
+            exponent = d_row * inverse_row[batch, head, q] + d_col * inverse_col[batch, head, q]
+            bias = strength[batch, head, q] * torch.exp(exponent)
+            is_patch_pair = (q_idx >= NUM_PREFIX_TOKENS) & (kv_idx >= NUM_PREFIX_TOKENS)
+            return score + torch.where(is_patch_pair, bias, torch.zeros_like(bias)).to(score.dtype)
+
+        return gaussian_score_mod
+
+
+def flex_attention_forward(
+    module: nn.Module, query, key, value, score_mod: Callable | None, scaling: float, dropout: float = 0.0
+):
+    """Attention through `flex_attention`, compiled (the fused kernel), with the Gaussian as `score_mod`."""
+    if dropout > 0:
+        raise ValueError(
+            "`flex_attention` does not support attention dropout: set `attention_probs_dropout_prob=0` or use "
+            "`attn_implementation='sdpa'`."
+        )
+    if torch.compiler.is_compiling():  # inside a compiled model, the compiler fuses it
+        from torch.nn.attention.flex_attention import flex_attention
+    else:
+        flex_attention = compiled_flex_attention()
+    output = flex_attention(query, key, value, score_mod=score_mod, scale=scaling)
+    return output.transpose(1, 2).contiguous(), None
+
+
+@functools.cache
+def compiled_flex_attention() -> Callable:
+    """`flex_attention` compiled once per shape. Static shapes: inductor's CPU template miscompiles dynamic ones
+    (torch 2.14), and a vision model sees few distinct grid sizes."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
 
 
 def eager_attention_forward(
@@ -335,8 +404,15 @@ class LocAtViTAttention(nn.Module):
         query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        bias = self.gaussian_bias(query, grid_size) if self.gaussian_bias is not None else None
+        dropout = self.attention_dropout if self.training else 0.0
+        if self.config._attn_implementation == "flex_attention":
+            score_mod = self.gaussian_bias.score_mod(query, grid_size) if self.gaussian_bias is not None else None
+            attn_output, attn_weights = flex_attention_forward(
+                self, query, key, value, score_mod, self.scaling, dropout
+            )
+            return self.o_proj(attn_output.reshape(*input_shape, -1)), attn_weights
 
+        bias = self.gaussian_bias(query, grid_size) if self.gaussian_bias is not None else None
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
@@ -346,7 +422,7 @@ class LocAtViTAttention(nn.Module):
             key,
             value,
             bias,
-            dropout=self.attention_dropout if self.training else 0.0,
+            dropout=dropout,
             scaling=self.scaling,
             **kwargs,
         )
@@ -408,7 +484,8 @@ class LocAtViTLayer(GradientCheckpointingLayer):
 class LocAtViTEncoder(nn.Module):
     def __init__(self, config: LocAtViTConfig):
         super().__init__()
-        rates = torch.linspace(0, config.drop_path_rate, config.num_hidden_layers).tolist()
+        depth = config.num_hidden_layers
+        rates = [config.drop_path_rate * index / max(depth - 1, 1) for index in range(depth)]  # timm's linspace
         self.layers = nn.ModuleList([LocAtViTLayer(config, rate) for rate in rates])
         self.bias_workspace = BiasWorkspace()
         for layer in self.layers:
@@ -481,6 +558,7 @@ class LocAtViTPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["LocAtViTEmbeddings", "LocAtViTLayer"]
     _supports_sdpa = True
+    _supports_flex_attn = True
     _supports_attention_backend = True
     _can_compile_fullgraph = True
     _can_record_outputs = {"hidden_states": LocAtViTLayer, "attentions": LocAtViTAttention}
@@ -508,6 +586,59 @@ class LocAtViTPreTrainedModel(PreTrainedModel):
             init.ones_(module.weight)
             init.zeros_(module.bias)
 
+    def save_pretrained(self, save_directory, *args, push_to_hub: bool = False, **kwargs):
+        """
+        Saves as [`PreTrainedModel.save_pretrained`] does (safetensors weights, config, the model's code files), plus
+        a LocAtViT model card, `README.md` (`modelcard_locatvit.render_model_card`), unless the folder already has one:
+        a card of yours is never overwritten. With `push_to_hub=True` the card of the Hub repo, if it has one, is kept.
+        """
+        import inspect
+        import os
+
+        from .modelcard_locatvit import render_model_card, task_for_model
+
+        save_directory = os.fspath(save_directory)
+        is_main_process = kwargs.get("is_main_process", args[0] if args else True)
+        if push_to_hub and is_main_process and not kwargs.get("distributed_checkpoint"):
+            from huggingface_hub import ModelCard
+            from huggingface_hub.errors import EntryNotFoundError
+            from transformers.utils.hub import hf_api
+
+            # As `PreTrainedModel.save_pretrained(push_to_hub=True)`, except that the card is ours, not a generic one.
+            commit_message = kwargs.pop("commit_message", None)
+            create_pr = kwargs.pop("create_pr", False)
+            repo_id = kwargs.pop("repo_id", save_directory.rstrip(os.path.sep).split(os.path.sep)[-1])
+            save_parameters = inspect.signature(PreTrainedModel.save_pretrained).parameters
+            repo_kwargs = {key: kwargs.pop(key) for key in list(kwargs) if key not in save_parameters}
+            token = kwargs.get("token")
+            repo_id = hf_api().create_repo(repo_id, exist_ok=True, token=token, **repo_kwargs).repo_id
+            os.makedirs(save_directory, exist_ok=True)
+            files_timestamps = self._get_files_timestamps(save_directory)
+            readme = os.path.join(save_directory, "README.md")
+            if not os.path.isfile(readme):
+                try:
+                    ModelCard.load(repo_id, token=token).save(readme)
+                except EntryNotFoundError:
+                    with open(readme, "w", encoding="utf-8") as file:
+                        file.write(render_model_card(self.config, task_for_model(self), repo_id=repo_id))
+            self.save_pretrained(save_directory, *args, **kwargs)
+            return self._upload_modified_files(
+                save_directory,
+                repo_id,
+                files_timestamps,
+                commit_message=commit_message,
+                token=token,
+                create_pr=create_pr,
+            )
+
+        had_card = os.path.isfile(os.path.join(save_directory, "README.md"))
+        result = super().save_pretrained(save_directory, *args, push_to_hub=push_to_hub, **kwargs)
+        if is_main_process and not had_card and os.path.isdir(save_directory):
+            card = render_model_card(self.config, task_for_model(self), model_path=save_directory)
+            with open(os.path.join(save_directory, "README.md"), "w", encoding="utf-8") as file:
+                file.write(card)
+        return result
+
 
 @auto_docstring
 class LocAtViTModel(LocAtViTPreTrainedModel):
@@ -523,7 +654,7 @@ class LocAtViTModel(LocAtViTPreTrainedModel):
         return self.embeddings.patch_embeddings
 
     def forward_features(
-        self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False, **kwargs
+        self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool | None = None, **kwargs
     ) -> tuple[torch.Tensor, tuple[int, int]]:
         """Output of the last block (before the final norm and PRR) and the patch grid it lies on."""
         check_pixel_values(pixel_values, self.config)
@@ -544,7 +675,7 @@ class LocAtViTModel(LocAtViTPreTrainedModel):
         Returns `last_hidden_state` = PRR(LayerNorm(last block)) (LayerNorm only when PRR is off), `pooler_output` =
         its CLS token, and with `output_hidden_states` the embeddings and every block's output (before the norm).
         """
-        last_block, _ = self.forward_features(pixel_values, bool(interpolate_pos_encoding), **kwargs)
+        last_block, _ = self.forward_features(pixel_values, interpolate_pos_encoding, **kwargs)
         sequence_output = self.layernorm(last_block)
         if self.refinement is not None:
             sequence_output = self.refinement(sequence_output)
@@ -635,6 +766,9 @@ def tokens_to_feature_map(hidden_states: torch.Tensor, grid_size: tuple[int, int
     """
 )
 class LocAtViTForSemanticSegmentation(LocAtViTPreTrainedModel):
+    # The loss is a mean over labelled pixels; the Trainer must not rescale it by its token count.
+    accepts_loss_kwargs = False
+
     def __init__(self, config: LocAtViTConfig):
         super().__init__(config)
         self.locatvit = LocAtViTModel(config)
@@ -668,7 +802,7 @@ class LocAtViTForSemanticSegmentation(LocAtViTPreTrainedModel):
         labels (`torch.LongTensor` of shape `(batch_size, height, width)`, *optional*):
             Ground-truth class per pixel, in `[0, config.num_labels)` or `config.semantic_loss_ignore_index`.
         """
-        last_block, grid_size = self.locatvit.forward_features(pixel_values, bool(interpolate_pos_encoding), **kwargs)
+        last_block, grid_size = self.locatvit.forward_features(pixel_values, interpolate_pos_encoding, **kwargs)
         logits = self.decode_head(tokens_to_feature_map(last_block, grid_size))
         loss = None
         if labels is not None:
@@ -727,7 +861,7 @@ class LocAtViTBackbone(BackboneMixin, LocAtViTPreTrainedModel):
     ) -> BackboneOutput:
         check_pixel_values(pixel_values, self.config)
         expected_dtype = self.embeddings.patch_embeddings.projection.weight.dtype
-        hidden_states, grid_size = self.embeddings(pixel_values.to(expected_dtype), bool(interpolate_pos_encoding))
+        hidden_states, grid_size = self.embeddings(pixel_values.to(expected_dtype), interpolate_pos_encoding)
         wanted = {index % len(self.stage_names) for index in self.out_indices}
         # Blocks after the last wanted one are skipped unless the caller asked for every layer's outputs.
         records_layers = kwargs.get("output_hidden_states") or kwargs.get("output_attentions")

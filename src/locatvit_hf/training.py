@@ -1,0 +1,722 @@
+"""Reusable pieces for training LocAtViT with the `transformers` Trainer (used by `examples/run_*.py`).
+
+- `enable_cpu_data_parallel`: make `torchrun` / `accelerate launch --multi_gpu` train data-parallel on a machine
+  without an accelerator, where `TrainingArguments` would otherwise give every process its own full run.
+- `GaussianStatsCallback` / `install_gaussian_stats`: per-layer mean Gaussian variance (row, column) and strength
+  alpha of GAug in the Trainer's log.
+- `SegmentationMetrics`, `confusion_matrix`: mIoU, pixel accuracy and per-class IoU from a confusion matrix
+  accumulated batch by batch (memory: num_labels**2 integers, whatever the number of images).
+- `LocAtViTTrainer` (one-cycle schedule of the paper) and `SegmentationTrainer` (whole-image evaluation at the
+  original label size, streamed through the confusion matrix, data-parallel safe).
+- `TopKAccuracy`, `ClassificationLoss`: streaming top-1/top-5 and the soft-target / label-smoothing loss.
+- `render_synthetic_scene`, `synthetic_dataset`, `write_synthetic_*`: a procedurally generated, deterministic
+  dataset of textured scenes with exact masks and an image-level label.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+from transformers import Trainer, TrainerCallback
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Data parallelism on CPU-only machines
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def accelerator_available() -> bool:
+    """Whether this process sees an accelerator (CUDA, XPU, MPS, ...) that the Trainer would use."""
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None and hasattr(accelerator, "is_available"):
+        return bool(accelerator.is_available())
+    return torch.cuda.is_available()
+
+
+def launched_world_size() -> int:
+    """Number of processes of the launch this process belongs to (`WORLD_SIZE` set by torchrun / accelerate)."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
+
+
+def enable_cpu_data_parallel(parser=None) -> bool:
+    """Turn on CPU data parallelism for a multi-process launch on a machine without an accelerator.
+
+    `torchrun --nproc_per_node N` and `accelerate launch --multi_gpu --num_processes N` start N processes, but on a
+    CPU-only machine `TrainingArguments` sets them up with `world_size == 1` unless `use_cpu` is on: each process then
+    silently trains its own full copy on all the data. Call this *before* building `TrainingArguments` (it is read when
+    they are created): with `WORLD_SIZE > 1` and no accelerator it sets `ACCELERATE_USE_CPU=true` and, given the
+    `HfArgumentParser`, makes `--use_cpu` the default, so that accelerate sets up DDP over gloo (one shard of every
+    batch per process, gradients all-reduced). Returns whether it did.
+    """
+    if launched_world_size() <= 1 or accelerator_available():
+        return False
+    os.environ["ACCELERATE_USE_CPU"] = "true"
+    if parser is not None:
+        parser.set_defaults(use_cpu=True)
+    return True
+
+
+def parameter_digest(model: torch.nn.Module) -> str:
+    """SHA-256 of every tensor of the state dict (name, dtype, shape and bytes): equal digests = identical weights."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Gaussian statistics callback
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class GaussianStatsCallback(TrainerCallback):
+    """Logs, per layer, the mean Gaussian variance along rows and columns and the mean strength alpha of GAug.
+
+    Forward hooks on every `LocAtViTGaussianBias` recompute `variance_and_strength` from the patch queries of each
+    *training* forward pass (one with gradients enabled; evaluation runs without) and average them over all queries,
+    heads and images since the last log. The means are added to the training log entries (the ones with `loss`) as
+    `gauss_var_row/layer_{i}`, `gauss_var_col/layer_{i}` and `gauss_alpha/layer_{i}`, so they reach the progress
+    output, `trainer.state.log_history` and, if the callback runs before them (see `install_gaussian_stats`), the
+    reporting integrations. Statistics are those of the local process (rank 0 is the one that logs).
+    """
+
+    def __init__(self):
+        self._hooks = []
+        self._sums: dict[int, torch.Tensor] = {}
+        self._counts: dict[int, int] = {}
+
+    @staticmethod
+    def gaussian_modules(model: torch.nn.Module) -> list[tuple[int, torch.nn.Module]]:
+        """(layer index, module) of every Gaussian bias module of `model`, in layer order."""
+        from .modeling_locatvit import LocAtViTGaussianBias
+
+        found = []
+        for name, module in model.named_modules():
+            if isinstance(module, LocAtViTGaussianBias):
+                match = re.search(r"layers\.(\d+)\.", name)
+                found.append((int(match.group(1)) if match else len(found), module))
+        return sorted(found, key=lambda item: item[0])
+
+    def attach(self, model: torch.nn.Module) -> None:
+        self.detach()
+        for index, module in self.gaussian_modules(model):
+            self._hooks.append(module.register_forward_hook(self._make_hook(index)))
+
+    def detach(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+    def _make_hook(self, index: int):
+        def hook(module, args, output):
+            if not torch.is_grad_enabled():
+                return
+            query, grid_size = args[0], args[1]
+            with torch.no_grad():
+                variance, strength = module.variance_and_strength(query[:, :, 1:], grid_size)
+                stats = torch.cat((variance.reshape(-1, 2).sum(0), strength.reshape(-1).sum(0, keepdim=True)))
+            self._sums[index] = self._sums[index] + stats if index in self._sums else stats
+            self._counts[index] = self._counts.get(index, 0) + strength.numel()
+
+        return hook
+
+    def current_means(self) -> dict[str, float]:
+        """The means accumulated since the last log, as log entries (empty if no training forward ran)."""
+        means = {}
+        for index in sorted(self._sums):
+            row, col, alpha = (self._sums[index] / self._counts[index]).tolist()
+            means[f"gauss_var_row/layer_{index}"] = row
+            means[f"gauss_var_col/layer_{index}"] = col
+            means[f"gauss_alpha/layer_{index}"] = alpha
+        return means
+
+    def reset(self) -> None:
+        self._sums, self._counts = {}, {}
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is not None:
+            self.attach(model)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None or "loss" not in logs or not self._sums:
+            return
+        means = self.current_means()
+        self.reset()
+        logs.update(means)
+        # The Trainer appended a copy of `logs` to the history before calling the callbacks.
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(means)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.detach()
+
+
+def install_gaussian_stats(trainer: Trainer) -> GaussianStatsCallback:
+    """Add a `GaussianStatsCallback` to `trainer` *before* its other callbacks, so that the reporting integrations
+    (TensorBoard, W&B, ...) and the progress output see the statistics in the same log entry."""
+    callback = GaussianStatsCallback()
+    trainer.callback_handler.callbacks.insert(0, callback)
+    return callback
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Streaming segmentation metrics
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def confusion_matrix(
+    predictions: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray, num_labels: int, ignore_index: int = 255
+) -> torch.Tensor:
+    """(num_labels, num_labels) int64 counts: row = ground-truth class, column = predicted class. Pixels labelled
+    `ignore_index` are skipped; any other label outside [0, num_labels) is an error."""
+    predictions = torch.as_tensor(predictions)
+    labels = torch.as_tensor(labels, device=predictions.device)
+    if predictions.shape != labels.shape:
+        raise ValueError(f"predictions {tuple(predictions.shape)} and labels {tuple(labels.shape)} differ in shape.")
+    labels = labels.reshape(-1).long()
+    predictions = predictions.reshape(-1).long()
+    valid = labels != ignore_index
+    labels, predictions = labels[valid], predictions[valid]
+    if labels.numel():
+        if int(labels.min()) < 0 or int(labels.max()) >= num_labels:
+            raise ValueError(f"label values must be in [0, {num_labels}) or {ignore_index}.")
+        if int(predictions.min()) < 0 or int(predictions.max()) >= num_labels:
+            raise ValueError(f"predicted classes must be in [0, {num_labels}).")
+    counts = torch.bincount(labels * num_labels + predictions, minlength=num_labels * num_labels)
+    return counts.reshape(num_labels, num_labels)
+
+
+def metrics_from_confusion(
+    confusion: torch.Tensor | np.ndarray, id2label: dict[int, str] | None = None
+) -> dict[str, float]:
+    """mIoU, mean class accuracy, pixel accuracy and per-class IoU from a confusion matrix.
+
+    A class that appears neither in the labels nor in the predictions has no IoU (0/0): it is left out of the mean
+    and of the per-class entries, as in mmsegmentation and `evaluate`'s `mean_iou` (they use NaN and `nanmean`). A
+    class predicted but absent from the labels counts with IoU 0.
+    """
+    confusion = torch.as_tensor(confusion, dtype=torch.float64).cpu()
+    true_positive = confusion.diagonal()
+    label_count = confusion.sum(1)
+    union = label_count + confusion.sum(0) - true_positive
+    present = union > 0
+    iou = true_positive / union.clamp(min=1)
+    labelled = label_count > 0
+    accuracy = true_positive / label_count.clamp(min=1)
+    total = float(label_count.sum())
+    metrics = {
+        "mean_iou": float(iou[present].mean()) if present.any() else 0.0,
+        "mean_accuracy": float(accuracy[labelled].mean()) if labelled.any() else 0.0,
+        "pixel_accuracy": float(true_positive.sum()) / total if total else 0.0,
+    }
+    for index in torch.nonzero(present).flatten().tolist():
+        name = id2label.get(index, str(index)) if id2label else str(index)
+        metrics[f"iou_{re.sub(r'[^0-9A-Za-z_-]+', '_', str(name)).strip('_') or index}"] = float(iou[index])
+    return metrics
+
+
+class SegmentationMetrics:
+    """A confusion matrix accumulated batch by batch; its memory is num_labels**2 counts whatever the dataset size.
+
+    Use `update(predictions, labels)` with class maps, or pass it as the Trainer's `compute_metrics` together with
+    `SegmentationTrainer` and `batch_eval_metrics=True`: the Trainer then hands it each batch's confusion matrices
+    (gathered from all processes) and asks for the result at the end of the evaluation.
+    """
+
+    def __init__(self, num_labels: int, ignore_index: int = 255, id2label: dict[int, str] | None = None):
+        self.num_labels = num_labels
+        self.ignore_index = ignore_index
+        self.id2label = {int(k): v for k, v in id2label.items()} if id2label else None
+        self.reset()
+
+    def reset(self) -> None:
+        self.confusion = torch.zeros(self.num_labels, self.num_labels, dtype=torch.int64)
+
+    def update(self, predictions, labels) -> None:
+        self.confusion += confusion_matrix(predictions, labels, self.num_labels, self.ignore_index).cpu()
+
+    def add_confusion(self, confusion) -> None:
+        confusion = torch.as_tensor(confusion).cpu().long()
+        self.confusion += confusion.reshape(-1, self.num_labels, self.num_labels).sum(0)
+
+    def compute(self) -> dict[str, float]:
+        return metrics_from_confusion(self.confusion, self.id2label)
+
+    def __call__(self, eval_prediction, compute_result: bool = True) -> dict[str, float] | None:
+        predictions = eval_prediction.predictions
+        if isinstance(predictions, (tuple, list)):
+            predictions = predictions[0]
+        self.add_confusion(predictions)
+        if not compute_result:
+            return None
+        result = self.compute()
+        self.reset()
+        return result
+
+
+def logits_to_label_size(
+    logits: torch.Tensor, input_size: Sequence[int], label_size: Sequence[int], patch_size: Sequence[int]
+) -> torch.Tensor:
+    """Resize (batch, classes, h, w) logits of an input of `input_size` to `label_size`, bilinearly.
+
+    The model pads its input at the bottom and right to a multiple of the patch size, so the logits cover the padded
+    input: they are first upsampled to the padded size and cropped to the input, then resized to the labels (the
+    original image size when the input was a resized image).
+    """
+    height, width = input_size
+    padded = (math.ceil(height / patch_size[0]) * patch_size[0], math.ceil(width / patch_size[1]) * patch_size[1])
+    logits = logits.float()
+    if tuple(padded) != (height, width):
+        logits = F.interpolate(logits, size=padded, mode="bilinear", align_corners=False)[..., :height, :width]
+    if tuple(logits.shape[-2:]) != tuple(label_size):
+        logits = F.interpolate(logits, size=tuple(label_size), mode="bilinear", align_corners=False)
+    return logits
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Trainers
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def one_cycle_lambda(total_steps: int, pct_start: float, div_factor: float, final_div_factor: float):
+    """Multiplier of the peak lr at each step of `torch.optim.lr_scheduler.OneCycleLR` (two phases, linear
+    annealing): from 1 / div_factor up to 1 at step `pct_start * total_steps - 1`, then down to
+    1 / (div_factor * final_div_factor) at step `total_steps - 1`. Same values as OneCycleLR, as a `LambdaLR` factor
+    that also accepts schedules too short for OneCycleLR (which divides by zero when a phase has no step)."""
+    start, end = 1.0 / div_factor, 1.0 / (div_factor * final_div_factor)
+    peak_step = float(pct_start * total_steps) - 1
+    last_step = float(total_steps - 1)
+
+    def factor(step: int) -> float:
+        if step <= peak_step:
+            return start + (1.0 - start) * (step / peak_step if peak_step > 0 else 1.0)
+        if last_step <= peak_step:
+            return end
+        return 1.0 + (end - 1.0) * min((step - peak_step) / (last_step - peak_step), 1.0)
+
+    return factor
+
+
+class LocAtViTTrainer(Trainer):
+    """`Trainer` with the paper's one-cycle learning-rate schedule as an option.
+
+    `one_cycle=dict(div_factor=1e4, final_div_factor=1.0)` replaces the scheduler of `args.lr_scheduler_type` by
+    `torch.optim.lr_scheduler.OneCycleLR(max_lr=args.learning_rate, total_steps=<training steps>,
+    pct_start=<warm-up steps> / <training steps>, anneal_strategy="linear", cycle_momentum=False)` (computed as an
+    equal `LambdaLR`, see `one_cycle_lambda`): linear warm-up from
+    lr / div_factor to lr, then linear annealing to lr / (div_factor * final_div_factor) (mmcv's OneCycle hook, which
+    the paper's segmentation protocol uses: 25 % warm-up, start and end lr = lr / 1e4). None of the built-in
+    `lr_scheduler_type`s starts the warm-up at a non-zero lr, hence this. Momentum/betas are left alone (AdamW keeps
+    the betas it was given). The scheduler is built on the Trainer's own optimizer, so it works under DDP and FSDP and
+    is saved and restored with the checkpoints.
+    """
+
+    def __init__(self, *args, one_cycle: dict | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.one_cycle = one_cycle
+
+    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
+        if self.one_cycle is None or self.lr_scheduler is not None:
+            return super().create_scheduler(num_training_steps, optimizer)
+        optimizer = optimizer if optimizer is not None else self.optimizer
+        warmup = self.args.get_warmup_steps(num_training_steps)
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            one_cycle_lambda(
+                num_training_steps,
+                pct_start=min(max(warmup / num_training_steps, 0.0), 1.0),
+                div_factor=float(self.one_cycle.get("div_factor", 1e4)),
+                final_div_factor=float(self.one_cycle.get("final_div_factor", 1.0)),
+            ),
+        )
+        self._created_lr_scheduler = True
+        return self.lr_scheduler
+
+
+class SegmentationTrainer(LocAtViTTrainer):
+    """Evaluates semantic segmentation on whole images, at the labels' size, without keeping predictions around.
+
+    Each evaluation batch holds `pixel_values` (the possibly resized images, all of one size: use an evaluation batch
+    size of 1 for images of different sizes) and `labels` at the original image size. The logits are resized to the
+    labels (`logits_to_label_size`), argmax'ed, and turned into a (1, num_labels, num_labels) confusion matrix, which
+    is what the Trainer gathers from the processes and hands to `compute_metrics` (a `SegmentationMetrics`, with
+    `batch_eval_metrics=True`). Gathering fixed-size matrices also makes it work data-parallel, where label maps of
+    different sizes could not be gathered. The evaluation loss is the cross-entropy of the same resized logits.
+    """
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        if "labels" not in inputs:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        inputs = self._prepare_inputs(inputs)
+        labels = inputs["labels"]
+        model_inputs = {key: value for key, value in inputs.items() if key != "labels"}
+        config = self.accelerator.unwrap_model(model).config
+        with torch.no_grad(), self.compute_loss_context_manager():
+            logits = model(**model_inputs).logits
+            logits = logits_to_label_size(
+                logits, inputs["pixel_values"].shape[-2:], labels.shape[-2:], config.patch_size
+            )
+            loss = F.cross_entropy(logits, labels.long(), ignore_index=config.semantic_loss_ignore_index)
+        if prediction_loss_only:
+            return loss.detach(), None, None
+        predictions = logits.argmax(dim=1)
+        confusion = confusion_matrix(predictions, labels, config.num_labels, config.semantic_loss_ignore_index)
+        return loss.detach(), confusion[None], torch.ones(1, device=confusion.device, dtype=torch.long)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Classification helpers
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class TopKAccuracy:
+    """Streaming top-k accuracy for the Trainer's `compute_metrics` (works with and without `batch_eval_metrics`)."""
+
+    def __init__(self, topk: Iterable[int] = (1, 5)):
+        self.topk = tuple(topk)
+        self.reset()
+
+    def reset(self) -> None:
+        self.correct = dict.fromkeys(self.topk, 0)
+        self.total = 0
+
+    def update(self, logits, labels) -> None:
+        logits, labels = torch.as_tensor(logits), torch.as_tensor(labels, device=torch.as_tensor(logits).device)
+        if labels.ndim > 1:  # soft targets
+            labels = labels.argmax(-1)
+        ranked = logits.topk(min(max(self.topk), logits.shape[-1]), dim=-1).indices
+        hits = ranked == labels.reshape(-1, 1)
+        for k in self.topk:
+            self.correct[k] += int(hits[:, :k].any(-1).sum())
+        self.total += int(labels.numel())
+
+    def compute(self) -> dict[str, float]:
+        return {f"top{k}_accuracy": self.correct[k] / max(self.total, 1) for k in self.topk}
+
+    def __call__(self, eval_prediction, compute_result: bool = True) -> dict[str, float] | None:
+        predictions = eval_prediction.predictions
+        if isinstance(predictions, (tuple, list)):
+            predictions = predictions[0]
+        self.update(predictions, eval_prediction.label_ids)
+        if not compute_result:
+            return None
+        result = self.compute()
+        self.reset()
+        return result
+
+
+class ClassificationLoss:
+    """The Trainer's `compute_loss_func` for classification with Mixup/CutMix and label smoothing (timm's recipe).
+
+    Labels are class indices, or soft targets (batch, num_labels) from Mixup/CutMix. While the model trains, the
+    targets are smoothed, `(1 - s) * y + s / num_labels`, which is timm's `Mixup(label_smoothing=s)` (smoothing the
+    one-hot targets before mixing gives the same), and the loss is the soft-target cross-entropy. In evaluation the
+    loss is the plain cross-entropy. The sum over samples is divided by the Trainer's `num_items_in_batch` (samples
+    of the whole accumulated, all-process batch), which the Trainer expects of a `compute_loss_func`.
+    """
+
+    def __init__(self, model: torch.nn.Module, label_smoothing: float = 0.0):
+        self.model = model
+        self.label_smoothing = label_smoothing
+
+    def __call__(self, outputs, labels, num_items_in_batch=None):
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+        log_probs = F.log_softmax(logits.float(), dim=-1)
+        num_labels = logits.shape[-1]
+        if labels.is_floating_point() and labels.ndim == 2:
+            targets = labels.to(log_probs.dtype)
+        else:
+            targets = F.one_hot(labels.long(), num_labels).to(log_probs.dtype)
+        if self.model.training and self.label_smoothing:
+            targets = targets * (1.0 - self.label_smoothing) + self.label_smoothing / num_labels
+        per_sample = -(targets * log_probs).sum(-1)
+        if num_items_in_batch is None:
+            return per_sample.mean()
+        count = num_items_in_batch
+        if labels.ndim == 2:  # the Trainer counted every entry of the soft targets
+            count = count / labels.shape[-1]
+        return per_sample.sum() / torch.as_tensor(count, device=per_sample.device, dtype=per_sample.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Synthetic dataset
+# ---------------------------------------------------------------------------------------------------------------------
+
+SYNTHETIC_PATTERNS = ("stripes", "checks", "dots", "waves")
+SYNTHETIC_PALETTES = {
+    # name: (foreground RGB, background RGB)
+    "warm": ((220, 60, 40), (250, 200, 90)),
+    "cool": ((40, 80, 210), (120, 220, 230)),
+}
+SYNTHETIC_CLASS_NAMES = ("background",) + tuple(
+    f"{palette} {pattern}" for pattern in SYNTHETIC_PATTERNS for palette in SYNTHETIC_PALETTES
+)
+SYNTHETIC_NUM_LABELS = len(SYNTHETIC_CLASS_NAMES)
+# Pattern period in pixels, per pattern.
+_PERIODS = {"stripes": 6.0, "checks": 8.0, "dots": 7.0, "waves": 9.0}
+
+
+@dataclass
+class SyntheticScene:
+    image: np.ndarray  # (H, W, 3) uint8
+    mask: np.ndarray  # (H, W) uint8, 0 = background, k = SYNTHETIC_CLASS_NAMES[k]
+    label: int  # image-level class: the object class (1..8) covering the most pixels
+
+
+def _pattern(kind: str, x: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A [0, 1] texture over pixel coordinates, with a random orientation, phase and slight period change."""
+    angle = rng.uniform(0, np.pi)
+    period = _PERIODS[kind] * rng.uniform(0.85, 1.15)
+    u = x * np.cos(angle) + y * np.sin(angle) + rng.uniform(0, period)
+    v = -x * np.sin(angle) + y * np.cos(angle) + rng.uniform(0, period)
+    if kind == "stripes":
+        return (np.sin(2 * np.pi * u / period) > 0).astype(np.float32)
+    if kind == "checks":
+        return ((np.floor(2 * u / period) + np.floor(2 * v / period)) % 2).astype(np.float32)
+    if kind == "dots":
+        du, dv = (u % period) - period / 2, (v % period) - period / 2
+        return (du**2 + dv**2 < (0.32 * period) ** 2).astype(np.float32)
+    # waves: smooth sinusoidal bands whose position oscillates along the other axis
+    return (
+        0.5 + 0.5 * np.sin(2 * np.pi * (u + 0.35 * period * np.sin(2 * np.pi * v / (2.5 * period))) / period)
+    ).astype(np.float32)
+
+
+def _shape_mask(x: np.ndarray, y: np.ndarray, height: int, width: int, rng: np.random.Generator) -> np.ndarray:
+    """An ellipse, a rotated rectangle or a triangle with its centre inside the image."""
+    side = min(height, width)
+    cy, cx = rng.uniform(0.15, 0.85) * height, rng.uniform(0.15, 0.85) * width
+    ry, rx = rng.uniform(0.14, 0.34, size=2) * side
+    angle = rng.uniform(0, np.pi)
+    dx, dy = x - cx, y - cy
+    u = dx * np.cos(angle) + dy * np.sin(angle)
+    v = -dx * np.sin(angle) + dy * np.cos(angle)
+    kind = rng.integers(3)
+    if kind == 0:
+        return (u / rx) ** 2 + (v / ry) ** 2 <= 1.0
+    if kind == 1:
+        return (np.abs(u) <= rx) & (np.abs(v) <= ry)
+    # triangle: intersection of three half-planes around the centre
+    inside = np.ones_like(u, dtype=bool)
+    radius = max(rx, ry)
+    for k in range(3):
+        theta = angle + 2 * np.pi * k / 3
+        inside &= u * np.cos(theta) + v * np.sin(theta) <= 0.5 * radius
+    return inside
+
+
+def render_synthetic_scene(seed: int, index: int, height: int = 64, width: int = 64) -> SyntheticScene:
+    """Scene number `index` of the synthetic dataset `seed`: the same (seed, index, size) always gives the same
+    pixels, independently of the other scenes.
+
+    How it is made (numpy only, no external images): the background (class 0) is a smooth, desaturated colour
+    gradient. Two to four objects are painted over it, later ones occluding earlier ones; each is an ellipse, a
+    rotated rectangle or a triangle, and belongs to one of eight classes = four textures (stripes, checks, dots,
+    waves, with a random orientation and phase) x two palettes (warm, cool). No class can be told by its colour or
+    its texture alone, only by both, locally. The mask gives every pixel's class exactly (the painted region), and
+    the image-level label is the object class with the most visible pixels (ties: the lower class). Gaussian pixel
+    noise (sigma 6) and a per-object brightness jitter are added last.
+    """
+    rng = np.random.default_rng([seed, index, height, width])
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    base = rng.uniform(90, 170, size=3)
+    tilt = rng.uniform(-40, 40, size=(2, 3))
+    gray = base.mean()
+    base = gray + 0.35 * (base - gray)  # desaturated
+    image = base + (y / height - 0.5)[..., None] * tilt[0] + (x / width - 0.5)[..., None] * tilt[1]
+    mask = np.zeros((height, width), dtype=np.uint8)
+    for _ in range(rng.integers(2, 5)):
+        cls = int(rng.integers(1, SYNTHETIC_NUM_LABELS))
+        pattern = SYNTHETIC_PATTERNS[(cls - 1) // len(SYNTHETIC_PALETTES)]
+        foreground, background = SYNTHETIC_PALETTES[tuple(SYNTHETIC_PALETTES)[(cls - 1) % len(SYNTHETIC_PALETTES)]]
+        region = _shape_mask(x, y, height, width, rng)
+        texture = _pattern(pattern, x, y, rng)[..., None]
+        colours = texture * np.asarray(foreground) + (1 - texture) * np.asarray(background)
+        colours = colours * rng.uniform(0.85, 1.15)
+        image[region] = colours[region]
+        mask[region] = cls
+    image = image + rng.normal(0.0, 6.0, size=image.shape)
+    counts = np.bincount(mask.reshape(-1), minlength=SYNTHETIC_NUM_LABELS)
+    counts[0] = 0
+    label = int(counts.argmax()) if counts.any() else 1
+    return SyntheticScene(np.clip(image, 0, 255).astype(np.uint8), mask, label)
+
+
+def synthetic_sizes(num_images: int, seed: int, image_size, max_image_size=None) -> list[tuple[int, int]]:
+    """(height, width) of each scene: `image_size` (int or pair), or drawn in [image_size, max_image_size]."""
+    low = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    if max_image_size is None:
+        return [low] * num_images
+    high = (max_image_size, max_image_size) if isinstance(max_image_size, int) else tuple(max_image_size)
+    rng = np.random.default_rng([seed, 1_000_003])
+    return [
+        (int(rng.integers(low[0], high[0] + 1)), int(rng.integers(low[1], high[1] + 1))) for _ in range(num_images)
+    ]
+
+
+def make_synthetic_scenes(num_images: int, seed: int = 0, image_size=64, max_image_size=None) -> list[SyntheticScene]:
+    sizes = synthetic_sizes(num_images, seed, image_size, max_image_size)
+    return [render_synthetic_scene(seed, index, *size) for index, size in enumerate(sizes)]
+
+
+def synthetic_dataset(
+    num_images: int, seed: int = 0, image_size=64, max_image_size=None, task: str = "semantic-segmentation"
+):
+    """A `datasets.Dataset` of synthetic scenes: columns `image` (PIL) and `annotation` (PIL mode L, 0..8) for
+    `"semantic-segmentation"`, or `image` and `label` (ClassLabel over the eight object classes, label k-1 for object
+    class k) for `"image-classification"`."""
+    import datasets
+    from PIL import Image
+
+    scenes = make_synthetic_scenes(num_images, seed, image_size, max_image_size)
+    images = [Image.fromarray(scene.image) for scene in scenes]
+    if task == "semantic-segmentation":
+        features = datasets.Features({"image": datasets.Image(), "annotation": datasets.Image()})
+        data = {"image": images, "annotation": [Image.fromarray(scene.mask) for scene in scenes]}
+    elif task == "image-classification":
+        features = datasets.Features(
+            {"image": datasets.Image(), "label": datasets.ClassLabel(names=list(SYNTHETIC_CLASS_NAMES[1:]))}
+        )
+        data = {"image": images, "label": [scene.label - 1 for scene in scenes]}
+    else:
+        raise ValueError(f"unknown task {task!r}: use 'semantic-segmentation' or 'image-classification'.")
+    return datasets.Dataset.from_dict(data, features=features)
+
+
+def write_synthetic_imagefolder(root, split: str, num_images: int, seed: int = 0, image_size=64) -> Path:
+    """Write scenes as an `imagefolder` classification dataset: `root/split/<class name>/<index>.png`."""
+    from PIL import Image
+
+    root = Path(root) / split
+    for index, scene in enumerate(make_synthetic_scenes(num_images, seed, image_size)):
+        folder = root / SYNTHETIC_CLASS_NAMES[scene.label].replace(" ", "_")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(scene.image).save(folder / f"{index:05d}.png")
+    return root
+
+
+def write_synthetic_ade20k(
+    root, split: str, num_images: int, seed: int = 0, image_size=64, max_image_size=None
+) -> Path:
+    """Write scenes in the ADE20K layout and label convention: `root/images/<split>/<name>.png` and
+    `root/annotations/<split>/<name>.png`, with pixel value = class + 1 and 0 ("other", unlabelled) on a one-pixel
+    frame around each image, so that `--reduce_labels` gives back the classes and ignores the frame."""
+    from PIL import Image
+
+    root = Path(root)
+    (root / "images" / split).mkdir(parents=True, exist_ok=True)
+    (root / "annotations" / split).mkdir(parents=True, exist_ok=True)
+    for index, scene in enumerate(make_synthetic_scenes(num_images, seed, image_size, max_image_size)):
+        annotation = scene.mask + 1
+        annotation[0, :] = annotation[-1, :] = annotation[:, 0] = annotation[:, -1] = 0
+        name = f"synthetic_{split}_{index:05d}"
+        Image.fromarray(scene.image).save(root / "images" / split / f"{name}.png")
+        Image.fromarray(annotation.astype(np.uint8)).save(root / "annotations" / split / f"{name}.png")
+    return root
+
+
+__all__ = [
+    "SYNTHETIC_CLASS_NAMES",
+    "SYNTHETIC_NUM_LABELS",
+    "ClassificationLoss",
+    "GaussianStatsCallback",
+    "LocAtViTTrainer",
+    "SegmentationMetrics",
+    "SegmentationTrainer",
+    "SyntheticScene",
+    "TopKAccuracy",
+    "accelerator_available",
+    "confusion_matrix",
+    "enable_cpu_data_parallel",
+    "install_gaussian_stats",
+    "launched_world_size",
+    "logits_to_label_size",
+    "make_synthetic_scenes",
+    "metrics_from_confusion",
+    "parameter_digest",
+    "render_synthetic_scene",
+    "synthetic_dataset",
+    "synthetic_sizes",
+    "write_synthetic_ade20k",
+    "write_synthetic_imagefolder",
+]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Model loading for the example scripts
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def parse_config_overrides(overrides: str | None) -> dict:
+    """`"hidden_size=32,num_hidden_layers=2,image_size=64"` -> dict, values read as Python literals when possible."""
+    import ast
+
+    result = {}
+    for item in filter(None, (part.strip() for part in (overrides or "").split(","))):
+        if "=" not in item:
+            raise ValueError(f"config override {item!r} is not of the form key=value.")
+        key, value = (text.strip() for text in item.split("=", 1))
+        try:
+            result[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            result[key] = value
+    return result
+
+
+def load_locatvit(task: str, name_or_path: str, config_overrides: dict | None = None, hub_kwargs: dict | None = None):
+    """A LocAtViT model for `task` ("image-classification" or "semantic-segmentation") from
+
+    - a preset name (`"tiny"`, `"small"`, `"base"`): a new, randomly initialized model (timm's ViT init);
+    - a Transformers checkpoint (folder or Hub id) of any LocAtViT head: its weights, with a new head where the
+      classes or the head type differ (`ignore_mismatched_sizes`);
+    - a checkpoint of the authors' implementation (timm format: `.safetensors`/`.pth` file, folder or Hub id), converted
+      on the fly by `locatvit_hf.convert`.
+
+    `config_overrides` (e.g. `num_labels`, `id2label`, `label2id`, and for presets any architecture field) are applied
+    to the configuration.
+    """
+    from transformers import AutoConfig
+
+    from .configuration_locatvit import PRESETS, LocAtViTConfig
+    from .convert import load_converted
+    from .modeling_locatvit import LocAtViTForImageClassification, LocAtViTForSemanticSegmentation
+
+    classes = {
+        "image-classification": LocAtViTForImageClassification,
+        "semantic-segmentation": LocAtViTForSemanticSegmentation,
+    }
+    if task not in classes:
+        raise ValueError(f"unknown task {task!r}: choose one of {sorted(classes)}.")
+    model_class = classes[task]
+    overrides = dict(config_overrides or {})
+    hub_kwargs = dict(hub_kwargs or {})
+    if name_or_path in PRESETS:
+        return model_class(LocAtViTConfig.from_preset(name_or_path, **overrides))
+    path = Path(name_or_path)
+    is_transformers_checkpoint = (path / "config.json").is_file() and (
+        json.loads((path / "config.json").read_text()).get("model_type") == "locatvit"
+    )
+    if not is_transformers_checkpoint and not path.exists():
+        try:
+            is_transformers_checkpoint = (
+                AutoConfig.from_pretrained(name_or_path, **hub_kwargs).model_type == "locatvit"
+            )
+        except (OSError, ValueError, KeyError):
+            is_transformers_checkpoint = False
+    if is_transformers_checkpoint:
+        return model_class.from_pretrained(name_or_path, ignore_mismatched_sizes=True, **overrides, **hub_kwargs)
+    return load_converted(name_or_path, task, **overrides).train()
