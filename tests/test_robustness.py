@@ -335,3 +335,34 @@ def test_cli_survives_optimized_python(tmp_path):
     )
     assert_cli_refuses(result, "not a timm ViT/LocAtViT")
     shutil.rmtree(tmp_path / "out", ignore_errors=True)
+
+
+def test_from_pretrained_refuses_missing_encoder_weights(tmp_path):
+    """A deeper saved model loaded as a shallower one, or the reverse: never completed with random weights."""
+    LocAtViTForImageClassification(tiny_config(num_hidden_layers=1)).save_pretrained(tmp_path / "shallow")
+    config = json.loads((tmp_path / "shallow" / "config.json").read_text())
+    config["num_hidden_layers"] = 2
+    (tmp_path / "shallow" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"missing encoder weights \['locatvit.encoder.layers.1"):
+        LocAtViTForImageClassification.from_pretrained(tmp_path / "shallow")
+
+
+def test_from_pretrained_refuses_unexpected_encoder_weights(tmp_path):
+    LocAtViTModel(tiny_config()).save_pretrained(tmp_path / "gaug")
+    config = json.loads((tmp_path / "gaug" / "config.json").read_text())
+    config["use_gaussian_attention"] = False
+    (tmp_path / "gaug" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="unexpected weights.*gaussian_bias"):
+        LocAtViTModel.from_pretrained(tmp_path / "gaug")
+
+
+def test_from_pretrained_refuses_another_architecture(tmp_path):
+    from transformers import ViTConfig, ViTModel
+
+    vit_config = ViTConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8
+    )
+    vit = ViTModel(vit_config, add_pooling_layer=False)  # the same shapes as tiny_config, other key names
+    vit.save_pretrained(tmp_path / "vit")
+    with pytest.raises(ValueError, match="does not match this LocAtViT architecture"):
+        LocAtViTModel.from_pretrained(tmp_path / "vit", config=tiny_config())

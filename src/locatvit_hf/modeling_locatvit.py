@@ -549,6 +549,11 @@ def check_pixel_values(pixel_values: torch.Tensor | None, config: LocAtViTConfig
         )
 
 
+def is_head_key(key: str) -> bool:
+    """Weights a checkpoint of another task may lack or carry: the heads, and the final norm a backbone drops."""
+    return key.split(".")[0] in ("classifier", "decode_head", "layernorm") or key.startswith("locatvit.layernorm.")
+
+
 @auto_docstring
 class LocAtViTPreTrainedModel(PreTrainedModel):
     config: LocAtViTConfig
@@ -562,6 +567,26 @@ class LocAtViTPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _can_compile_fullgraph = True
     _can_record_outputs = {"hidden_states": LocAtViTLayer, "attentions": LocAtViTAttention}
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """As [`PreTrainedModel.from_pretrained`], except that only a task head may be new or left over (e.g. a
+        segmentation head on a classification checkpoint): a checkpoint missing encoder weights, or holding encoder
+        weights this architecture has no place for, is refused instead of being completed with random weights."""
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(
+            pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+        )
+        missing = sorted(key for key in info["missing_keys"] if not is_head_key(key))
+        unexpected = sorted(key for key in info["unexpected_keys"] if not is_head_key(key))
+        if missing or unexpected:
+            raise ValueError(
+                f"{pretrained_model_name_or_path} does not match this LocAtViT architecture: missing encoder weights "
+                f"{missing[:6]}{' ...' if len(missing) > 6 else ''}, unexpected weights {unexpected[:6]}"
+                f"{' ...' if len(unexpected) > 6 else ''}. Load it with the configuration it was saved with; "
+                "checkpoints of the authors' implementation go through `python -m locatvit_hf.convert` first."
+            )
+        return (model, info) if output_loading_info else model
 
     def _init_weights(self, module):
         """timm's ViT initialization (SPEC §6): truncated normal 0.02 for Linear weights and the position embedding,
