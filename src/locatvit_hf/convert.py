@@ -279,15 +279,44 @@ def image_processor_for(task: str, timm_config: dict | None = None) -> LocAtViTI
 
 
 def convert(checkpoint: str, output: str, task: str = "image-classification", push_to_hub: str | None = None):
-    """Convert, then save the model and its image processor to `output` (and push both to `push_to_hub`)."""
+    """Convert, then write the model, its image processor and its model card (`README.md`, rendered for what was
+    converted) to `output`; with `push_to_hub`, upload exactly those files to that Hub repo in one commit (the card's
+    snippets then load from that repo)."""
+    from .modelcard_locatvit import render_model_card
+
     state_dict, timm_config = load_original_checkpoint(checkpoint)
-    model = build_converted(state_dict, timm_config, task)
+    # Segmentation sees whole images of any size (also in the image-segmentation pipeline, which cannot pass the flag).
+    overrides = {"interpolate_pos_encoding": True} if task == "semantic-segmentation" else {}
+    model = build_converted(state_dict, timm_config, task, **overrides)
     image_processor = image_processor_for(task, timm_config)
+    output = Path(output)
     model.save_pretrained(output)
     image_processor.save_pretrained(output)
+    card = render_model_card(
+        model.config, task, repo_id=push_to_hub, source_checkpoint=checkpoint, model_path=str(output)
+    )
+    (output / "README.md").write_text(card, encoding="utf-8")
     if push_to_hub:
-        model.push_to_hub(push_to_hub)
-        image_processor.push_to_hub(push_to_hub)
+        from huggingface_hub import CommitOperationAdd, HfApi
+
+        # The files just written (weights, configs, code, card), not whatever else the folder holds.
+        names = sorted(
+            path.name
+            for path in output.iterdir()
+            if path.is_file()
+            and (
+                path.name in ("config.json", "preprocessor_config.json", "README.md", "model.safetensors.index.json")
+                or path.suffix == ".py"
+                or (path.name.startswith("model") and path.suffix == ".safetensors")
+            )
+        )
+        api = HfApi()
+        repo_id = api.create_repo(push_to_hub, exist_ok=True).repo_id
+        api.create_commit(
+            repo_id=repo_id,
+            operations=[CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(output / name)) for name in names],
+            commit_message=f"Upload LocAtViT ({task}) converted from {checkpoint}",
+        )
     return model
 
 
@@ -296,7 +325,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", required=True, help="checkpoint file, local repo folder or Hub repo id")
     parser.add_argument("--output", required=True, help="folder to write the Transformers model to")
     parser.add_argument("--task", default="image-classification", choices=sorted(TASKS))
-    parser.add_argument("--push-to-hub", metavar="REPO", help="also upload the converted model to this Hub repo")
+    parser.add_argument(
+        "--push-to-hub",
+        metavar="REPO",
+        help="also upload the converted model, its image processor and its model card to this Hub repo (one commit)",
+    )
     args = parser.parse_args(argv)
     try:
         convert(args.checkpoint, args.output, args.task, args.push_to_hub)
@@ -304,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"converted {args.checkpoint} -> {args.output} ({args.task})")
+    if args.push_to_hub:
+        print(f"pushed {args.output} to https://huggingface.co/{args.push_to_hub}")
     return 0
 
 

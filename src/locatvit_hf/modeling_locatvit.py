@@ -22,6 +22,7 @@ from transformers.modeling_outputs import (
     SemanticSegmenterOutput,
 )
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.models.auto.modeling_auto import MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, auto_docstring
 from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
@@ -30,6 +31,9 @@ from transformers.utils.output_capturing import capture_outputs
 from .configuration_locatvit import LocAtViTConfig
 
 NUM_PREFIX_TOKENS = 1  # the CLS token
+
+# The image-segmentation pipeline checks model types against this list, which the Auto registration does not extend.
+MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES.setdefault("locatvit", "LocAtViTForSemanticSegmentation")
 
 
 class LocAtViTPatchEmbeddings(nn.Module):
@@ -567,6 +571,51 @@ class LocAtViTPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _can_compile_fullgraph = True
     _can_record_outputs = {"hidden_states": LocAtViTLayer, "attentions": LocAtViTAttention}
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        commit_message: str | None = None,
+        commit_description: str | None = None,
+        private: bool | None = None,
+        token: bool | str | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        max_shard_size: int | str | None = "50GB",
+        tags: list[str] | None = None,
+    ) -> str:
+        """As [`PreTrainedModel.push_to_hub`], except that a new repo gets the LocAtViT model card instead of a generic
+        one (a card the repo already has is kept, as there)."""
+        import os
+        import tempfile
+
+        from huggingface_hub import ModelCard
+        from huggingface_hub.errors import EntryNotFoundError
+        from transformers.utils.hub import hf_api
+
+        from .modelcard_locatvit import render_model_card, task_for_model
+
+        repo_id = hf_api().create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+        try:
+            card = ModelCard.load(repo_id, token=token)
+        except EntryNotFoundError:
+            card = ModelCard(render_model_card(self.config, task_for_model(self), repo_id=repo_id))
+        for tag in [*(self.model_tags or []), *(tags or [])]:
+            card.data.tags = [*(card.data.tags or []), *([tag] if tag not in (card.data.tags or []) else [])]
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder, max_shard_size=max_shard_size)
+            card.save(os.path.join(folder, "README.md"))
+            return self._upload_modified_files(
+                folder,
+                repo_id,
+                files_timestamps={},
+                commit_message=commit_message,
+                token=token,
+                create_pr=create_pr,
+                revision=revision,
+                commit_description=commit_description,
+            )
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
