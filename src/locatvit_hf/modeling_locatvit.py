@@ -122,35 +122,29 @@ class SeparableBiasWriter(torch.autograd.Function):
         ctx, row: torch.Tensor, col: torch.Tensor, num_prefix: int, bias: torch.Tensor | None, dtype: torch.dtype
     ) -> torch.Tensor:
         """`bias`: an uninitialized (B, heads, N, N) tensor to write into, or None to allocate one."""
-        batch, heads, num_patches, height = row.shape
-        width = col.shape[-1]
+        batch, heads, num_patches, _ = row.shape
         seq_len = num_prefix + num_patches
         if bias is None:
             bias = row.new_empty((batch, heads, seq_len, seq_len), dtype=dtype)
-        bias[:, :, :num_prefix] = 0
-        bias[:, :, num_prefix:, :num_prefix] = 0
-        patch_block = bias[:, :, num_prefix:, num_prefix:].unflatten(-1, (height, width))
-        torch.mul(row.unsqueeze(-1), col.unsqueeze(-2), out=patch_block)
         ctx.save_for_backward(row, col)
         ctx.num_prefix = num_prefix
-        return bias
+        return write_separable_bias(bias, row, col, num_prefix)
 
     @staticmethod
     def backward(ctx, grad_bias: torch.Tensor):
         row, col = ctx.saved_tensors
         num_prefix = ctx.num_prefix
-        batch, heads, num_patches, height = row.shape
-        width = col.shape[-1]
-        grad_row = torch.empty_like(row) if ctx.needs_input_grad[0] else None
-        grad_col = torch.empty_like(col) if ctx.needs_input_grad[1] else None
-        for b in range(batch):
-            for h in range(heads):
-                # (P, H, W) with strides (N, W, 1): a valid bmm operand, no copy.
-                grad = grad_bias[b, h, num_prefix:, num_prefix:].unflatten(-1, (height, width)).to(row.dtype)
-                if grad_row is not None:
-                    torch.bmm(grad, col[b, h].unsqueeze(-1), out=grad_row[b, h].unsqueeze(-1))
-                if grad_col is not None:
-                    torch.bmm(row[b, h].unsqueeze(-2), grad, out=grad_col[b, h].unsqueeze(-2))
+        grad_row = row.new_empty(row.shape) if ctx.needs_input_grad[0] else None
+        grad_col = col.new_empty(col.shape) if ctx.needs_input_grad[1] else None
+        for b in range(row.shape[0]):
+            for h in range(row.shape[1]):
+                reduce_bias_gradient(
+                    grad_bias[b, h, num_prefix:, num_prefix:].to(row.dtype).unsqueeze(0),
+                    row[b, h].unsqueeze(0),
+                    col[b, h].unsqueeze(0),
+                    None if grad_row is None else grad_row[b, h].unsqueeze(0),
+                    None if grad_col is None else grad_col[b, h].unsqueeze(0),
+                )
         return grad_row, grad_col, None, None, None
 
 
@@ -255,17 +249,21 @@ class LocAtViTGaussianBias(nn.Module):
             col_profile = torch.exp(col_distances.to(variance.dtype) / (variance[..., 1:2] + self.eps))
         return row_profile, col_profile
 
+    def patch_profiles(self, query: torch.Tensor, grid_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row (batch, heads, P, H) and column (batch, heads, P, W) profiles of every patch query: the bias of patch
+        query i and patch key j = (r, c) is row[i, r] * col[i, c]."""
+        if self.training and self.pools_queries_in_training:
+            return self._pooled_profiles(query[:, :, NUM_PREFIX_TOKENS:], grid_size)
+        variance, strength = self.variance_and_strength(query, grid_size)
+        return self.profiles(
+            variance[:, :, NUM_PREFIX_TOKENS:],
+            strength[:, :, NUM_PREFIX_TOKENS:],
+            *self.query_distances(grid_size, query.device),
+        )
+
     def forward(self, query: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
         """Full (batch, heads, N, N) bias in `query`'s dtype; rows and columns of the CLS token are 0."""
-        if self.training and self.pools_queries_in_training:
-            row_profile, col_profile = self._pooled_profiles(query[:, :, NUM_PREFIX_TOKENS:], grid_size)
-        else:
-            variance, strength = self.variance_and_strength(query, grid_size)
-            row_profile, col_profile = self.profiles(
-                variance[:, :, NUM_PREFIX_TOKENS:],
-                strength[:, :, NUM_PREFIX_TOKENS:],
-                *self.query_distances(grid_size, query.device),
-            )
+        row_profile, col_profile = self.patch_profiles(query, grid_size)
         if torch.compiler.is_compiling():  # the compiler fuses the formula itself
             patch_bias = (row_profile.unsqueeze(-1) * col_profile.unsqueeze(-2)).flatten(-2).to(query.dtype)
             return F.pad(patch_bias, (NUM_PREFIX_TOKENS, 0, NUM_PREFIX_TOKENS, 0))
@@ -364,6 +362,105 @@ def compiled_flex_attention() -> Callable:
     return torch.compile(flex_attention, dynamic=False)
 
 
+def write_separable_bias(bias: torch.Tensor, row: torch.Tensor, col: torch.Tensor, num_prefix: int) -> torch.Tensor:
+    """Fills `bias` (..., N, N) with row[..., i, r_j] * col[..., i, c_j] between patches and zeros elsewhere."""
+    bias[..., :num_prefix, :] = 0
+    bias[..., num_prefix:, :num_prefix] = 0
+    patch_block = bias[..., num_prefix:, num_prefix:].unflatten(-1, (row.shape[-1], col.shape[-1]))
+    torch.mul(row.unsqueeze(-1), col.unsqueeze(-2), out=patch_block)
+    return bias
+
+
+def reduce_bias_gradient(grad: torch.Tensor, row: torch.Tensor, col: torch.Tensor, grad_row, grad_col) -> None:
+    """Gradients of patch blocks (n, P, P) of the bias with respect to their (n, P, H) row and (n, P, W) column
+    profiles, written into `grad_row` and `grad_col` (either may be None). Both are batched matrix-vector products
+    over the P queries: on small grids one copy of the block makes them a single batched call; on large grids the
+    strided block (P, H, W), strides (N, W, 1), is read in place, one slice at a time (measured faster on CPU)."""
+    slices, num_patches, height = row.shape
+    width = col.shape[-1]
+    if num_patches <= 256:
+        grid = grad.reshape(slices * num_patches, height, width)
+        if grad_row is not None:
+            grad_row.copy_(torch.bmm(grid, col.reshape(-1, width, 1)).view_as(grad_row))
+        if grad_col is not None:
+            grad_col.copy_(torch.bmm(row.reshape(-1, 1, height), grid).view_as(grad_col))
+        return
+    for index in range(slices):
+        grid = grad[index].unflatten(-1, (height, width))
+        if grad_row is not None:
+            torch.bmm(grid, col[index].unsqueeze(-1), out=grad_row[index].unsqueeze(-1))
+        if grad_col is not None:
+            torch.bmm(row[index].unsqueeze(-2), grid, out=grad_col[index].unsqueeze(-2))
+
+
+# Working memory of `SeparableBiasAttention.backward`: (N x N) slices are processed this many bytes at a time.
+SLAB_BYTES = 64 * 2**20
+
+
+class SeparableBiasAttention(torch.autograd.Function):
+    """softmax(q k^T * scale + B) v for a bias B given by its separable profiles, for training on CPU.
+
+    PyTorch's CPU attention has a fused kernel for a float mask but not for the mask's gradient: with a mask that
+    needs one, `sdpa` falls back to its unfused math path, which keeps the (B, heads, N, N) probabilities of every
+    layer for the backward pass. Here the forward is the fused kernel, and the backward recomputes, one
+    (batch, head) slice at a time, the bias from its profiles and the probabilities from the saved log-sum-exp, then
+    reduces the bias gradient to the profiles at once: nothing of size N x N outlives one slice.
+    """
+
+    @staticmethod
+    def forward(ctx, query, key, value, row, col, scale: float, num_prefix: int, workspace: "BiasWorkspace"):
+        batch, heads, seq_len, _ = query.shape
+        bias = write_separable_bias(
+            workspace.get((batch, heads, seq_len, seq_len), query.dtype, query.device), row, col, num_prefix
+        )
+        output, logsumexp = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query, key, value, 0.0, False, attn_mask=bias, scale=scale
+        )
+        ctx.save_for_backward(query, key, value, row, col, output, logsumexp)
+        ctx.scale, ctx.num_prefix = scale, num_prefix
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        query, key, value, row, col, output, logsumexp = ctx.saved_tensors
+        scale, num_prefix = ctx.scale, ctx.num_prefix
+        batch, heads, seq_len, dim = query.shape
+        # Contiguous gradients, whatever the inputs' layout: the chunks below write into views of them.
+        grads = [query.new_empty(t.shape) for t in (query, key, value)]
+        grad_row = row.new_empty(row.shape) if ctx.needs_input_grad[3] else None
+        grad_col = col.new_empty(col.shape) if ctx.needs_input_grad[4] else None
+        # D_i = sum_j P_ij dP_ij = dO_i . O_i, the softmax backward's row term.
+        delta = (grad_output * output).sum(-1, keepdim=True)
+        items = max(1, SLAB_BYTES // (heads * seq_len * seq_len * query.element_size()))  # batch items per chunk
+        for start in range(0, batch, items):
+            chunk = slice(start, start + items)
+            slices = len(range(batch)[chunk]) * heads
+
+            def flat(tensor, last=dim, chunk=chunk, slices=slices):
+                return tensor[chunk].reshape(slices, -1, last)
+
+            q, k, v, grad_o = flat(query), flat(key), flat(value), flat(grad_output)
+            grad_q, grad_k, grad_v = (flat(grad) for grad in grads)
+            rows, cols = flat(row, row.shape[-1]), flat(col, col.shape[-1])
+            probabilities = write_separable_bias(q.new_empty(slices, seq_len, seq_len), rows, cols, num_prefix)
+            probabilities.baddbmm_(q, k.transpose(1, 2), alpha=scale)
+            probabilities.sub_(flat(logsumexp.unsqueeze(-1), 1)).exp_()
+            torch.bmm(probabilities.transpose(1, 2), grad_o, out=grad_v)
+            grad_scores = torch.bmm(grad_o, v.transpose(1, 2))
+            grad_scores.sub_(flat(delta, 1)).mul_(probabilities)  # dS = P * (dP - D): also the bias gradient
+            del probabilities
+            torch.bmm(grad_scores, k, out=grad_q).mul_(scale)
+            torch.bmm(grad_scores.transpose(1, 2), q, out=grad_k).mul_(scale)
+            reduce_bias_gradient(
+                grad_scores[:, num_prefix:, num_prefix:],
+                rows,
+                cols,
+                None if grad_row is None else flat(grad_row, row.shape[-1]),
+                None if grad_col is None else flat(grad_col, col.shape[-1]),
+            )
+        return *grads, grad_row, grad_col, None, None, None
+
+
 def eager_attention_forward(
     module: nn.Module,
     query: torch.Tensor,
@@ -416,6 +513,13 @@ class LocAtViTAttention(nn.Module):
             )
             return self.o_proj(attn_output.reshape(*input_shape, -1)), attn_weights
 
+        if self.gaussian_bias is not None and self.recomputes_bias_in_backward(query, dropout):
+            row, col = self.gaussian_bias.patch_profiles(query, grid_size)
+            attn_output = SeparableBiasAttention.apply(
+                query, key, value, row, col, self.scaling, NUM_PREFIX_TOKENS, self.gaussian_bias.workspace
+            )
+            return self.o_proj(attn_output.transpose(1, 2).reshape(*input_shape, -1)), None
+
         bias = self.gaussian_bias(query, grid_size) if self.gaussian_bias is not None else None
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
@@ -432,6 +536,19 @@ class LocAtViTAttention(nn.Module):
         )
         attn_output = self.o_proj(attn_output.reshape(*input_shape, -1).contiguous())
         return attn_output, attn_weights
+
+    def recomputes_bias_in_backward(self, query: torch.Tensor, dropout: float) -> bool:
+        """Training with `sdpa` on CPU in float32: use `SeparableBiasAttention` (see there why)."""
+        return (
+            self.config._attn_implementation == "sdpa"
+            and torch.is_grad_enabled()
+            and query.requires_grad
+            and query.device.type == "cpu"
+            and query.dtype == torch.float32
+            and dropout == 0.0
+            and self.gaussian_bias.workspace is not None
+            and not torch.compiler.is_compiling()
+        )
 
 
 class LocAtViTMLP(nn.Module):
