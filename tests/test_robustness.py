@@ -366,3 +366,23 @@ def test_from_pretrained_refuses_another_architecture(tmp_path):
     vit.save_pretrained(tmp_path / "vit")
     with pytest.raises(ValueError, match="does not match this LocAtViT architecture"):
         LocAtViTModel.from_pretrained(tmp_path / "vit", config=tiny_config())
+
+
+class _CodeRunningPickle:
+    def __reduce__(self):
+        return (exec, ("open('pwned.txt', 'w').write('x')",))
+
+
+def test_pickle_that_would_run_code_is_refused_by_the_cli(tmp_path, monkeypatch):
+    """`.pth` files are read with `weights_only=True`: a pickle that executes code on load is refused, and runs
+    nothing."""
+    monkeypatch.chdir(tmp_path)
+    torch.save({"model": _CodeRunningPickle()}, tmp_path / "evil.pth")
+    result = subprocess.run(
+        [sys.executable, "-m", "locatvit_hf.convert", "--checkpoint", "evil.pth", "--output", "out"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert_cli_refuses(result, "evil.pth", "weights-only", "Pickles that run code are refused")
+    assert not (tmp_path / "pwned.txt").exists()
