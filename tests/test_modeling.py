@@ -397,3 +397,20 @@ def test_config_default_for_interpolation():
         assert model(x).logits.shape == (2, 5, 6, 5)
     with pytest.raises(ValueError, match="or set it in the config"):
         model(x, interpolate_pos_encoding=False)
+
+
+def test_new_segmentation_head_is_initialized_on_a_classification_checkpoint(tmp_path):
+    """Fine-tuning habit: a classification checkpoint, `num_labels` of the new task, a fresh head (trunc-normal
+    1x1 convs, zero biases, unit GroupNorm) on the checkpoint's backbone, and a finite loss."""
+    classifier = LocAtViTForImageClassification(tiny_config(num_labels=8))
+    classifier.save_pretrained(tmp_path)
+    model = LocAtViTForSemanticSegmentation.from_pretrained(tmp_path, num_labels=9)
+    assert model.config.num_labels == 9 and len(model.config.id2label) == 9
+    head = model.decode_head
+    for conv in (head.projection, head.classifier):
+        assert torch.isfinite(conv.weight).all() and 0.01 < conv.weight.std() < 0.03
+    assert torch.all(head.classifier.bias == 0) and torch.all(head.norm.weight == 1) and torch.all(head.norm.bias == 0)
+    for key, value in classifier.locatvit.state_dict().items():
+        assert torch.equal(model.locatvit.state_dict()[key], value), key
+    loss = model(pixels(), labels=torch.randint(0, 9, (2, 32, 32))).loss
+    assert torch.isfinite(loss)

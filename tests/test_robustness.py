@@ -386,3 +386,14 @@ def test_pickle_that_would_run_code_is_refused_by_the_cli(tmp_path, monkeypatch)
     )
     assert_cli_refuses(result, "evil.pth", "weights-only", "Pickles that run code are refused")
     assert not (tmp_path / "pwned.txt").exists()
+
+
+def test_config_file_contradicting_itself_is_refused(tmp_path):
+    tiny_config(num_labels=2, id2label={0: "a", 1: "b"}).save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    saved["num_labels"] = 3
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="`id2label` has 2 entries but `num_labels` is 3"):
+        LocAtViTConfig.from_pretrained(tmp_path)
+    # Asking for another number of classes when loading is the usual way to get a new head, not a contradiction.
+    assert LocAtViTConfig.from_pretrained(tmp_path.parent / tmp_path.name, num_labels=4).num_labels == 4

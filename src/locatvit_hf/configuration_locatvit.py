@@ -92,6 +92,19 @@ class LocAtViTConfig(BackboneConfigMixin, PreTrainedConfig):
         super().__post_init__(**kwargs)
 
     @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs) -> "LocAtViTConfig":
+        # `from_pretrained(..., num_labels=N)` asks for a new head, as for every model: the saved class names of
+        # another number of classes no longer apply (a config file contradicting itself is still refused).
+        saved_labels = config_dict.get("id2label")
+        if (
+            kwargs.get("num_labels") is not None
+            and saved_labels is not None
+            and len(saved_labels) != kwargs["num_labels"]
+        ):
+            config_dict = {key: value for key, value in config_dict.items() if key not in ("id2label", "label2id")}
+        return super().from_dict(config_dict, **kwargs)
+
+    @classmethod
     def from_preset(cls, name: str, **kwargs) -> "LocAtViTConfig":
         """The configuration of a released size (`"tiny"`, `"small"` or `"base"`), with any field overridden."""
         if name not in PRESETS:

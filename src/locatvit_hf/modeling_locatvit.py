@@ -756,24 +756,22 @@ class LocAtViTPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module):
         """timm's ViT initialization (SPEC §6): truncated normal 0.02 for Linear weights and the position embedding,
-        normal 1e-6 for the CLS token, PyTorch defaults for the patch-embedding conv and the LayerNorms."""
+        normal 1e-6 for the CLS token, PyTorch's defaults for the patch-embedding conv and the norms. The 1x1 convs of
+        the segmentation head are linear maps and start like the Linear layers."""
         std = self.config.initializer_range
-        if isinstance(module, nn.Linear):
+        if isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1)):
             init.trunc_normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 init.zeros_(module.bias)
-        elif isinstance(module, LocAtViTPatchEmbeddings):
-            module.projection.reset_parameters()
+        elif isinstance(module, nn.Conv2d):  # the patch projection: PyTorch's default (kaiming-uniform, a=sqrt(5))
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+            if module.bias is not None:
+                bound = 1 / math.sqrt(module.weight[0].numel())
+                init.uniform_(module.bias, -bound, bound)
         elif isinstance(module, LocAtViTEmbeddings):
             init.trunc_normal_(module.position_embeddings, mean=0.0, std=std)
             init.normal_(module.cls_token, mean=0.0, std=1e-6)
-        elif isinstance(module, LocAtViTSegmentationHead):
-            for conv in (module.projection, module.classifier):
-                init.trunc_normal_(conv.weight, mean=0.0, std=std)
-            init.zeros_(module.classifier.bias)
-            init.ones_(module.norm.weight)
-            init.zeros_(module.norm.bias)
-        elif isinstance(module, nn.LayerNorm):
+        elif isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
             init.ones_(module.weight)
             init.zeros_(module.bias)
 
