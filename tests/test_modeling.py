@@ -414,3 +414,15 @@ def test_new_segmentation_head_is_initialized_on_a_classification_checkpoint(tmp
         assert torch.equal(model.locatvit.state_dict()[key], value), key
     loss = model(pixels(), labels=torch.randint(0, 9, (2, 32, 32))).loss
     assert torch.isfinite(loss)
+
+
+def test_training_after_inference_mode():
+    """Cached grid tables first built under `torch.inference_mode()` still serve a training step."""
+    model = LocAtViTForSemanticSegmentation(tiny_config()).eval()
+    x = pixels(height=56, width=24)
+    with torch.inference_mode():
+        model(x, interpolate_pos_encoding=True)
+    model.train()
+    loss = model(x, labels=torch.randint(0, 5, (2, 56, 24)), interpolate_pos_encoding=True).loss
+    loss.backward()
+    assert torch.isfinite(loss)

@@ -152,12 +152,14 @@ class SeparableBiasWriter(torch.autograd.Function):
 def query_distance_tables(height: int, width: int, floor: float, device: torch.device):
     """Clamped -0.5 * squared distances from every patch (row-major) to each grid row (P, H) and column (P, W).
 
-    Cached for the few grid sizes a run meets; shared by all layers, whose constants are the same."""
-    rows = torch.arange(height, device=device, dtype=torch.float32)
-    cols = torch.arange(width, device=device, dtype=torch.float32)
-    row_table = (-0.5 * (rows[:, None] - rows[None, :]) ** 2).clamp(min=floor)
-    col_table = (-0.5 * (cols[:, None] - cols[None, :]) ** 2).clamp(min=floor)
-    return row_table.repeat_interleave(width, dim=0), col_table.repeat(height, 1)
+    Cached for the few grid sizes a run meets; shared by all layers, whose constants are the same. Built outside
+    inference mode, so that tables first made by an inference call also serve training."""
+    with torch.inference_mode(False):
+        rows = torch.arange(height, device=device, dtype=torch.float32)
+        cols = torch.arange(width, device=device, dtype=torch.float32)
+        row_table = (-0.5 * (rows[:, None] - rows[None, :]) ** 2).clamp(min=floor)
+        col_table = (-0.5 * (cols[:, None] - cols[None, :]) ** 2).clamp(min=floor)
+        return row_table.repeat_interleave(width, dim=0), col_table.repeat(height, 1)
 
 
 class BiasWorkspace:
@@ -179,7 +181,8 @@ class BiasWorkspace:
             self._buffers.pop(thread, None)  # free the old one before allocating its replacement
             live = {t.ident for t in threading.enumerate()}
             self._buffers = {t: b for t, b in self._buffers.items() if t in live}
-            buffer = self._buffers[thread] = torch.empty(shape, dtype=dtype, device=device)
+            with torch.inference_mode(False):  # a normal tensor: inference calls and training steps may share it
+                buffer = self._buffers[thread] = torch.empty(shape, dtype=dtype, device=device)
         return buffer
 
     def clear(self) -> None:
