@@ -225,3 +225,27 @@ def test_training_gradients_equal_across_attention_paths():
     eager_grads = dict(eager.named_parameters())
     for name, parameter in sdpa.named_parameters():
         torch.testing.assert_close(parameter.grad, eager_grads[name].grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_recomputing_attention_in_batch_chunks(monkeypatch):
+    """With a working-memory budget below one image, forward and backward go image by image, with equal results."""
+    import locatvit_hf.modeling_locatvit as modeling
+
+    monkeypatch.setattr(modeling, "SLAB_BYTES", 1000)
+    assert modeling.batch_chunks(3, 2, 13, 4) == [slice(0, 1), slice(1, 2), slice(2, 3)]
+    torch.manual_seed(0)
+    batch, heads, height, width, dim = 3, 2, 3, 4, 8
+    seq_len = 1 + height * width
+    query, key, value = (torch.randn(batch, heads, seq_len, dim, requires_grad=True) for _ in "qkv")
+    row = torch.rand(batch, heads, height * width, height, requires_grad=True)
+    col = torch.rand(batch, heads, height * width, width, requires_grad=True)
+    inputs = (query, key, value, row, col)
+    output = modeling.SeparableBiasAttention.apply(*inputs, 0.3, 1, modeling.BiasWorkspace())
+    grad_output = torch.randn_like(output)
+    actual = torch.autograd.grad(output, inputs, grad_output)
+    bias = torch.nn.functional.pad((row.unsqueeze(-1) * col.unsqueeze(-2)).flatten(-2), (1, 0, 1, 0))
+    reference = torch.softmax(query @ key.transpose(-1, -2) * 0.3 + bias, dim=-1) @ value
+    expected = torch.autograd.grad(reference, inputs, grad_output)
+    torch.testing.assert_close(output, reference)
+    for a, b in zip(actual, expected):
+        torch.testing.assert_close(a, b)

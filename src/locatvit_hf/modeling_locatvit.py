@@ -396,8 +396,14 @@ def reduce_bias_gradient(grad: torch.Tensor, row: torch.Tensor, col: torch.Tenso
             torch.bmm(row[index].unsqueeze(-2), grid, out=grad_col[index].unsqueeze(-2))
 
 
-# Working memory of `SeparableBiasAttention.backward`: (N x N) slices are processed this many bytes at a time.
-SLAB_BYTES = 64 * 2**20
+# Working memory of `SeparableBiasAttention`: (N x N) slices are processed this many bytes at a time.
+SLAB_BYTES = 16 * 2**20
+
+
+def batch_chunks(batch: int, heads: int, seq_len: int, element_size: int) -> list[slice]:
+    """Slices of the batch whose (heads, N, N) maps take about `SLAB_BYTES` (at least one item each)."""
+    items = max(1, SLAB_BYTES // (heads * seq_len * seq_len * element_size))
+    return [slice(start, min(start + items, batch)) for start in range(0, batch, items)]
 
 
 class SeparableBiasAttention(torch.autograd.Function):
@@ -405,20 +411,26 @@ class SeparableBiasAttention(torch.autograd.Function):
 
     PyTorch's CPU attention has a fused kernel for a float mask but not for the mask's gradient: with a mask that
     needs one, `sdpa` falls back to its unfused math path, which keeps the (B, heads, N, N) probabilities of every
-    layer for the backward pass. Here the forward is the fused kernel, and the backward recomputes, one
-    (batch, head) slice at a time, the bias from its profiles and the probabilities from the saved log-sum-exp, then
-    reduces the bias gradient to the profiles at once: nothing of size N x N outlives one slice.
+    layer for the backward pass. Here the forward is the fused kernel, and the backward recomputes the bias from its
+    profiles and the probabilities from the saved log-sum-exp, then reduces the bias gradient to the profiles at
+    once. Both go through the batch in chunks of about `SLAB_BYTES`: nothing of size N x N outlives one chunk.
     """
 
     @staticmethod
     def forward(ctx, query, key, value, row, col, scale: float, num_prefix: int, workspace: "BiasWorkspace"):
         batch, heads, seq_len, _ = query.shape
-        bias = write_separable_bias(
-            workspace.get((batch, heads, seq_len, seq_len), query.dtype, query.device), row, col, num_prefix
-        )
-        output, logsumexp = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            query, key, value, 0.0, False, attn_mask=bias, scale=scale
-        )
+        chunks = batch_chunks(batch, heads, seq_len, query.element_size())
+        items = chunks[0].stop - chunks[0].start
+        buffer = workspace.get((items, heads, seq_len, seq_len), query.dtype, query.device)
+        outputs, logsumexps = [], []
+        for chunk in chunks:
+            bias = write_separable_bias(buffer[: chunk.stop - chunk.start], row[chunk], col[chunk], num_prefix)
+            output, logsumexp = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                query[chunk], key[chunk], value[chunk], 0.0, False, attn_mask=bias, scale=scale
+            )
+            outputs.append(output)
+            logsumexps.append(logsumexp)
+        output, logsumexp = torch.cat(outputs), torch.cat(logsumexps)
         ctx.save_for_backward(query, key, value, row, col, output, logsumexp)
         ctx.scale, ctx.num_prefix = scale, num_prefix
         return output
@@ -434,10 +446,8 @@ class SeparableBiasAttention(torch.autograd.Function):
         grad_col = col.new_empty(col.shape) if ctx.needs_input_grad[4] else None
         # D_i = sum_j P_ij dP_ij = dO_i . O_i, the softmax backward's row term.
         delta = (grad_output * output).sum(-1, keepdim=True)
-        items = max(1, SLAB_BYTES // (heads * seq_len * seq_len * query.element_size()))  # batch items per chunk
-        for start in range(0, batch, items):
-            chunk = slice(start, start + items)
-            slices = len(range(batch)[chunk]) * heads
+        for chunk in batch_chunks(batch, heads, seq_len, query.element_size()):
+            slices = (chunk.stop - chunk.start) * heads
 
             def flat(tensor, last=dim, chunk=chunk, slices=slices):
                 return tensor[chunk].reshape(slices, -1, last)
