@@ -160,7 +160,7 @@ def test_training_decreases_loss(task):
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
     losses = []
-    for _ in range(20):
+    for _ in range(30):  # the segmentation head starts small (trunc-normal 0.02), so give it a few more steps
         loss = model(x, labels=labels).loss
         optimizer.zero_grad()
         loss.backward()
