@@ -377,11 +377,12 @@ def write_separable_bias(bias: torch.Tensor, row: torch.Tensor, col: torch.Tenso
 def reduce_bias_gradient(grad: torch.Tensor, row: torch.Tensor, col: torch.Tensor, grad_row, grad_col) -> None:
     """Gradients of patch blocks (n, P, P) of the bias with respect to their (n, P, H) row and (n, P, W) column
     profiles, written into `grad_row` and `grad_col` (either may be None). Both are batched matrix-vector products
-    over the P queries: on small grids one copy of the block makes them a single batched call; on large grids the
-    strided block (P, H, W), strides (N, W, 1), is read in place, one slice at a time (measured faster on CPU)."""
+    over the P queries: on small grids (and on accelerators) one copy of the block makes them a single batched call;
+    on large grids on CPU the strided block (P, H, W), strides (N, W, 1), is read in place, one slice at a time
+    (measured faster there)."""
     slices, num_patches, height = row.shape
     width = col.shape[-1]
-    if num_patches <= 256:
+    if num_patches <= 256 or grad.device.type != "cpu":
         grid = grad.reshape(slices * num_patches, height, width)
         if grad_row is not None:
             grad_row.copy_(torch.bmm(grid, col.reshape(-1, width, 1)).view_as(grad_row))
