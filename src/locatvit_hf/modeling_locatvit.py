@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 from transformers import initialization as init
 from transformers.activations import ACT2FN
@@ -131,6 +132,7 @@ class SeparableBiasWriter(torch.autograd.Function):
         return write_separable_bias(bias, row, col, num_prefix)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_bias: torch.Tensor):
         row, col = ctx.saved_tensors
         num_prefix = ctx.num_prefix
@@ -437,6 +439,7 @@ class SeparableBiasAttention(torch.autograd.Function):
         return output
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_output):
         query, key, value, row, col, output, logsumexp = ctx.saved_tensors
         scale, num_prefix = ctx.scale, ctx.num_prefix
