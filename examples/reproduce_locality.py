@@ -423,14 +423,8 @@ def run_one(args: argparse.Namespace, variant: str, seed: int, data: dict, runs_
         "top5": pre["eval_top5_accuracy"],
         "pretrain_loss": pre.get("train_loss"),
         "pretrain_steps": pre.get("train_global_step"),
-        "mean_iou": probe["eval_mean_iou"],
-        "pixel_accuracy": probe["eval_pixel_accuracy"],
-        "mean_accuracy": probe["eval_mean_accuracy"],
-        "probe_loss": probe.get("train_loss"),
-        "probe_steps": probe.get("train_global_step"),
-        "class_iou": {k[len("eval_iou_") :]: v for k, v in probe.items() if k.startswith("eval_iou_")},
         "pretrain_seconds": pre["wall_seconds"],
-        "probe_seconds": probe["wall_seconds"],
+        **probe_result(probe),
     }
     print(
         f"[{variant} seed {seed}] top-1 {100 * result['top1']:.1f} %  mIoU {100 * result['mean_iou']:.1f} %  "
@@ -438,6 +432,19 @@ def run_one(args: argparse.Namespace, variant: str, seed: int, data: dict, runs_
         flush=True,
     )
     return result
+
+
+def probe_result(probe: dict) -> dict:
+    """The result fields of a probe run, from its `all_results.json` (plus its wall time)."""
+    return {
+        "mean_iou": probe["eval_mean_iou"],
+        "pixel_accuracy": probe["eval_pixel_accuracy"],
+        "mean_accuracy": probe["eval_mean_accuracy"],
+        "probe_loss": probe.get("train_loss"),
+        "probe_steps": probe.get("train_global_step"),
+        "class_iou": {k[len("eval_iou_") :]: v for k, v in probe.items() if k.startswith("eval_iou_")},
+        "probe_seconds": probe["wall_seconds"],
+    }
 
 
 def run_random_init(args: argparse.Namespace, seed: int, data: dict, runs_dir: Path) -> dict:
@@ -464,13 +471,7 @@ def run_random_init(args: argparse.Namespace, seed: int, data: dict, runs_dir: P
     result = {
         "variant": RANDOM_INIT,
         "seed": seed,
-        "mean_iou": probe["eval_mean_iou"],
-        "pixel_accuracy": probe["eval_pixel_accuracy"],
-        "mean_accuracy": probe["eval_mean_accuracy"],
-        "probe_loss": probe.get("train_loss"),
-        "probe_steps": probe.get("train_global_step"),
-        "class_iou": {k[len("eval_iou_") :]: v for k, v in probe.items() if k.startswith("eval_iou_")},
-        "probe_seconds": probe["wall_seconds"],
+        **probe_result(probe),
     }
     print(f"[{RANDOM_INIT} seed {seed}] mIoU {100 * result['mean_iou']:.1f} %", flush=True)
     return result

@@ -29,18 +29,21 @@ import torch
 import transformers
 from torchvision.transforms import v2
 from transformers import HfArgumentParser, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
 
+from locatvit_hf import LocAtViTImageProcessor
 from locatvit_hf.training import (
     ClassificationLoss,
     LocAtViTTrainer,
     TopKAccuracy,
+    checkpoint_to_resume,
     enable_cpu_data_parallel,
     install_gaussian_stats,
     load_locatvit,
-    parameter_digest,
+    one_cycle_settings,
     parse_config_overrides,
+    publish,
     synthetic_dataset,
+    train_and_evaluate,
 )
 
 logger = logging.getLogger(__name__)
@@ -242,6 +245,7 @@ def main(argv: list[str] | None = None) -> dict:
         transformers.utils.logging.set_verbosity_info()
     log_level = training_args.get_process_log_level()
     logger.setLevel(log_level)
+    logging.getLogger("locatvit_hf").setLevel(log_level)  # the shared run helpers log there
     datasets.utils.logging.set_verbosity(log_level)
     transformers.utils.logging.set_verbosity(log_level)
     logger.warning(
@@ -251,13 +255,7 @@ def main(argv: list[str] | None = None) -> dict:
     if data_args.uses_synthetic_data:
         logger.warning("No data arguments: training on generated synthetic scenes.")
 
-    resume = training_args.resume_from_checkpoint
-    if isinstance(resume, str) and resume.lower() in {"latest", "true"}:
-        resume = get_last_checkpoint(training_args.output_dir)
-    elif resume is None and training_args.do_train and os.path.isdir(training_args.output_dir or ""):
-        resume = get_last_checkpoint(training_args.output_dir)
-        if resume is not None:
-            logger.info(f"Resuming from the last checkpoint in the output directory: {resume}")
+    resume = checkpoint_to_resume(training_args)
 
     transformers.set_seed(training_args.seed)
     splits = load_data(data_args, model_args)
@@ -313,18 +311,13 @@ def main(argv: list[str] | None = None) -> dict:
     if eval_dataset is None:
         training_args.eval_strategy = transformers.IntervalStrategy.NO
 
-    image_processor = None
-    try:  # saved next to the model, for `pipeline("image-classification")`
-        from locatvit_hf.image_processing_locatvit import LocAtViTImageProcessor
-
-        image_processor = LocAtViTImageProcessor(
-            size={"shortest_edge": math.floor(image_size / data_args.crop_pct)},
-            crop_size={"height": image_size, "width": image_size},
-            image_mean=list(data_args.image_mean),
-            image_std=list(data_args.image_std),
-        )
-    except ImportError:
-        logger.warning("locatvit_hf.image_processing_locatvit is not available: no image processor is saved.")
+    # Saved next to the model, for `pipeline("image-classification")`.
+    image_processor = LocAtViTImageProcessor(
+        size={"shortest_edge": math.floor(image_size / data_args.crop_pct)},
+        crop_size={"height": image_size, "width": image_size},
+        image_mean=list(data_args.image_mean),
+        image_std=list(data_args.image_std),
+    )
 
     trainer = LocAtViTTrainer(
         model=model,
@@ -335,49 +328,15 @@ def main(argv: list[str] | None = None) -> dict:
         compute_metrics=TopKAccuracy((1, 5)),
         compute_loss_func=ClassificationLoss(model, data_args.label_smoothing),
         processing_class=image_processor,
-        one_cycle=(
-            {"div_factor": model_args.one_cycle_div_factor, "final_div_factor": model_args.one_cycle_final_div_factor}
-            if model_args.lr_schedule == "one_cycle"
-            else None
-        ),
+        one_cycle=one_cycle_settings(model_args),
     )
     # The loss comes from `compute_loss_func`: the model must not receive `num_items_in_batch`.
     trainer.model_accepts_loss_kwargs = False
     if model_args.log_gaussian_stats and model.config.use_gaussian_attention:
         install_gaussian_stats(trainer)
 
-    results = {}
-    if train_dataset is not None:
-        train_result = trainer.train(resume_from_checkpoint=resume)
-        trainer.save_model()
-        metrics = dict(train_result.metrics)
-        metrics["train_samples"] = len(train_dataset)
-        metrics["train_global_step"] = trainer.state.global_step
-        metrics["train_world_size"] = training_args.world_size
-        trainer.log_metrics("train", metrics)
-        trainer.save_metrics("train", metrics)
-        trainer.save_state()
-        results.update(metrics)
-    if eval_dataset is not None:
-        metrics = trainer.evaluate()
-        metrics["eval_samples"] = len(eval_dataset)
-        trainer.log_metrics("eval", metrics)
-        trainer.save_metrics("eval", metrics)
-        results.update(metrics)
-
-    unwrapped = trainer.accelerator.unwrap_model(trainer.model)
-    print(
-        f"[rank {training_args.process_index}/{training_args.world_size}] final parameter digest "
-        f"{parameter_digest(unwrapped)}",
-        flush=True,
-    )
-    card = {"finetuned_from": model_args.model_name_or_path, "tasks": "image-classification"}
-    if data_args.dataset_name is not None:
-        card["dataset"] = data_args.dataset_name
-    if training_args.push_to_hub:
-        trainer.push_to_hub(**card)
-    elif trainer.is_world_process_zero():
-        trainer.create_model_card(**card)
+    results = train_and_evaluate(trainer, train_dataset, eval_dataset, resume)
+    publish(trainer, model_args.model_name_or_path, "image-classification", data_args.dataset_name)
     return results
 
 

@@ -37,19 +37,22 @@ from PIL import Image
 from torch.nn import functional as F
 from torchvision.transforms.v2 import functional as TF
 from transformers import HfArgumentParser, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
 
+from locatvit_hf import LocAtViTImageProcessor
 from locatvit_hf.training import (
     SYNTHETIC_CLASS_NAMES,
     SegmentationMetrics,
     SegmentationTrainer,
+    checkpoint_to_resume,
     enable_cpu_data_parallel,
     install_gaussian_stats,
     load_locatvit,
     logits_to_label_size,
-    parameter_digest,
+    one_cycle_settings,
     parse_config_overrides,
+    publish,
     synthetic_dataset,
+    train_and_evaluate,
 )
 
 logger = logging.getLogger(__name__)
@@ -287,7 +290,6 @@ def collate(examples: list[dict]) -> dict:
     return {
         "pixel_values": torch.stack([example["pixel_values"] for example in examples]),
         "labels": torch.stack([example["labels"] for example in examples]),
-        "interpolate_pos_encoding": True,
     }
 
 
@@ -405,7 +407,7 @@ def save_prediction_overlays(model, dataset, transform: EvalTransform, label_col
         example = dataset[index]
         image = example["image"].convert("RGB")
         pixel_values, label = transform(image, example[label_column])
-        logits = model(pixel_values[None].to(device), interpolate_pos_encoding=True).logits
+        logits = model(pixel_values[None].to(device)).logits
         logits = logits_to_label_size(logits, pixel_values.shape[-2:], label.shape, model.config.patch_size)
         prediction = logits.argmax(1)[0].cpu().numpy()
         pixels = np.array(image)
@@ -485,6 +487,7 @@ def main(argv: list[str] | None = None) -> dict:
         transformers.utils.logging.set_verbosity_info()
     log_level = training_args.get_process_log_level()
     logger.setLevel(log_level)
+    logging.getLogger("locatvit_hf").setLevel(log_level)  # the shared run helpers log there
     datasets.utils.logging.set_verbosity(log_level)
     transformers.utils.logging.set_verbosity(log_level)
     logger.warning(
@@ -494,14 +497,7 @@ def main(argv: list[str] | None = None) -> dict:
     if data_args.uses_synthetic_data:
         logger.warning("No data arguments: running the CPU demo on generated synthetic scenes.")
 
-    # Resume: an explicit checkpoint, 'latest'/'true' for the last one in output_dir, or the last one if present.
-    resume = training_args.resume_from_checkpoint
-    if isinstance(resume, str) and resume.lower() in {"latest", "true"}:
-        resume = get_last_checkpoint(training_args.output_dir)
-    elif resume is None and training_args.do_train and os.path.isdir(training_args.output_dir or ""):
-        resume = get_last_checkpoint(training_args.output_dir)
-        if resume is not None:
-            logger.info(f"Resuming from the last checkpoint in the output directory: {resume}")
+    resume = checkpoint_to_resume(training_args)
 
     transformers.set_seed(training_args.seed)
 
@@ -557,16 +553,11 @@ def main(argv: list[str] | None = None) -> dict:
     if eval_dataset is None and training_args.eval_strategy != "no":
         training_args.eval_strategy = transformers.IntervalStrategy.NO
 
-    image_processor = None
-    try:  # saved next to the model, for `pipeline("image-segmentation")`
-        from locatvit_hf.image_processing_locatvit import LocAtViTImageProcessor
-
-        image_processor = LocAtViTImageProcessor.for_segmentation(
-            size={"longest_edge": max(data_args.eval_scale), "shortest_edge": min(data_args.eval_scale)},
-            do_reduce_labels=data_args.reduce_labels,
-        )
-    except ImportError:
-        logger.warning("locatvit_hf.image_processing_locatvit is not available: no image processor is saved.")
+    # Saved next to the model, for `pipeline("image-segmentation")`.
+    image_processor = LocAtViTImageProcessor.for_segmentation(
+        size={"longest_edge": max(data_args.eval_scale), "shortest_edge": min(data_args.eval_scale)},
+        do_reduce_labels=data_args.reduce_labels,
+    )
 
     trainer = SegmentationTrainer(
         model=model,
@@ -576,45 +567,13 @@ def main(argv: list[str] | None = None) -> dict:
         data_collator=collate,
         compute_metrics=SegmentationMetrics(num_labels, IGNORE_INDEX, id2label),
         processing_class=image_processor,
-        one_cycle=(
-            {"div_factor": model_args.one_cycle_div_factor, "final_div_factor": model_args.one_cycle_final_div_factor}
-            if model_args.lr_schedule == "one_cycle"
-            else None
-        ),
+        one_cycle=one_cycle_settings(model_args),
     )
-    # The model's loss is a per-batch mean that ignores `num_items_in_batch`: tell the Trainer, else it multiplies the
-    # loss by the number of processes (and skips the gradient-accumulation division), as for token-count losses.
-    trainer.model_accepts_loss_kwargs = False
     if model_args.log_gaussian_stats and model.config.use_gaussian_attention:
         install_gaussian_stats(trainer)
 
-    results = {}
-    if train_dataset is not None:
-        train_result = trainer.train(resume_from_checkpoint=resume)
-        trainer.save_model()
-        metrics = dict(train_result.metrics)
-        metrics["train_samples"] = len(train_dataset)
-        metrics["train_global_step"] = trainer.state.global_step
-        metrics["train_world_size"] = training_args.world_size
-        trainer.log_metrics("train", metrics)
-        trainer.save_metrics("train", metrics)
-        trainer.save_state()
-        results.update(metrics)
-
-    if eval_dataset is not None:
-        metrics = trainer.evaluate()
-        metrics["eval_samples"] = len(eval_dataset)
-        trainer.log_metrics("eval", metrics)
-        trainer.save_metrics("eval", metrics)
-        results.update(metrics)
-
+    results = train_and_evaluate(trainer, train_dataset, eval_dataset, resume)
     unwrapped = trainer.accelerator.unwrap_model(trainer.model)
-    # Every process prints the digest of its weights: data-parallel replicas must agree.
-    print(
-        f"[rank {training_args.process_index}/{training_args.world_size}] final parameter digest "
-        f"{parameter_digest(unwrapped)}",
-        flush=True,
-    )
     if trainer.is_world_process_zero() and raw_eval is not None and data_args.num_overlay_images > 0:
         path = save_prediction_overlays(
             unwrapped,
@@ -627,13 +586,7 @@ def main(argv: list[str] | None = None) -> dict:
         if path is not None:
             logger.info(f"Predictions drawn into {path}")
 
-    card = {"finetuned_from": model_args.model_name_or_path, "tasks": "image-segmentation"}
-    if data_args.dataset_name is not None:
-        card["dataset"] = data_args.dataset_name
-    if training_args.push_to_hub:
-        trainer.push_to_hub(**card)
-    elif trainer.is_world_process_zero():
-        trainer.create_model_card(**card)
+    publish(trainer, model_args.model_name_or_path, "image-segmentation", data_args.dataset_name)
     return results
 
 

@@ -100,22 +100,25 @@ def classification_args(workspace, output_dir: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
+def script_run(workspace, task: str, launcher: str) -> tuple[Path, str]:
+    """(output dir, output) of one run of a script, made once per module for each task and launcher."""
+    script, make_args = {
+        "seg": (SEGMENTATION, segmentation_args),
+        "cls": (CLASSIFICATION, classification_args),
+    }[task]
+    if (task, launcher) not in workspace["runs"]:
+        output_dir = workspace["root"] / f"{task}-{launcher}"
+        output = run(script, make_args(workspace, output_dir), workspace["home"], launcher)
+        workspace["runs"][task, launcher] = (output_dir, output)
+    return workspace["runs"][task, launcher]
+
+
 def segmentation_run(workspace, launcher: str) -> tuple[Path, str]:
-    key = ("segmentation", launcher)
-    if key not in workspace["runs"]:
-        output_dir = workspace["root"] / f"seg-{launcher}"
-        args = segmentation_args(workspace, output_dir)
-        workspace["runs"][key] = (output_dir, run(SEGMENTATION, args, workspace["home"], launcher))
-    return workspace["runs"][key]
+    return script_run(workspace, "seg", launcher)
 
 
 def classification_run(workspace, launcher: str) -> tuple[Path, str]:
-    key = ("classification", launcher)
-    if key not in workspace["runs"]:
-        output_dir = workspace["root"] / f"cls-{launcher}"
-        args = classification_args(workspace, output_dir)
-        workspace["runs"][key] = (output_dir, run(CLASSIFICATION, args, workspace["home"], launcher))
-    return workspace["runs"][key]
+    return script_run(workspace, "cls", launcher)
 
 
 def test_segmentation_single_process(workspace):

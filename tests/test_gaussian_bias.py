@@ -249,3 +249,19 @@ def test_recomputing_attention_in_batch_chunks(monkeypatch):
     torch.testing.assert_close(output, reference)
     for a, b in zip(actual, expected):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("grid", [(14, 14), (17, 16)])  # both sides of the 256-patch switch
+def test_bias_gradient_reduction_on_small_and_large_grids(grid):
+    from locatvit_hf.modeling_locatvit import reduce_bias_gradient
+
+    height, width = grid
+    patches = height * width
+    grad = torch.randn(3, patches + 1, patches + 1, dtype=torch.float64)[:, 1:, 1:]  # strided, like the mask's block
+    row = torch.rand(3, patches, height, dtype=torch.float64)
+    col = torch.rand(3, patches, width, dtype=torch.float64)
+    grad_row, grad_col = torch.empty_like(row), torch.empty_like(col)
+    reduce_bias_gradient(grad, row, col, grad_row, grad_col)
+    blocks = grad.reshape(3, patches, height, width)
+    torch.testing.assert_close(grad_row, torch.einsum("sprc,spc->spr", blocks, col))
+    torch.testing.assert_close(grad_col, torch.einsum("sprc,spr->spc", blocks, row))

@@ -90,9 +90,10 @@ class LocAtViTEmbeddings(nn.Module):
     ) -> tuple[torch.Tensor, tuple[int, int]]:
         """Returns the token sequence (CLS first) and the patch grid (rows, columns) it was cut into.
         `interpolate_pos_encoding=None` follows `config.interpolate_pos_encoding`."""
+        check_pixel_values(pixel_values, self.config)
         if interpolate_pos_encoding is None:
             interpolate_pos_encoding = self.config.interpolate_pos_encoding
-        patches = self.patch_embeddings(pixel_values)
+        patches = self.patch_embeddings(pixel_values.to(self.patch_embeddings.projection.weight.dtype))
         grid_size = (patches.shape[-2], patches.shape[-1])
         if not interpolate_pos_encoding and grid_size != tuple(self.grid_size):
             raise ValueError(
@@ -138,15 +139,13 @@ class SeparableBiasWriter(torch.autograd.Function):
         num_prefix = ctx.num_prefix
         grad_row = row.new_empty(row.shape) if ctx.needs_input_grad[0] else None
         grad_col = col.new_empty(col.shape) if ctx.needs_input_grad[1] else None
-        for b in range(row.shape[0]):
-            for h in range(row.shape[1]):
-                reduce_bias_gradient(
-                    grad_bias[b, h, num_prefix:, num_prefix:].to(row.dtype).unsqueeze(0),
-                    row[b, h].unsqueeze(0),
-                    col[b, h].unsqueeze(0),
-                    None if grad_row is None else grad_row[b, h].unsqueeze(0),
-                    None if grad_col is None else grad_col[b, h].unsqueeze(0),
-                )
+        slices = row.shape[0] * row.shape[1]  # (batch, heads) flattened: views of the contiguous tensors
+
+        def flat(tensor):
+            return None if tensor is None else tensor.reshape(slices, *tensor.shape[2:])
+
+        patch_block = grad_bias[:, :, num_prefix:, num_prefix:].to(row.dtype).flatten(0, 1)
+        reduce_bias_gradient(patch_block, flat(row), flat(col), flat(grad_row), flat(grad_col))
         return grad_row, grad_col, None, None, None
 
 
@@ -186,9 +185,6 @@ class BiasWorkspace:
             with torch.inference_mode(False):  # a normal tensor: inference calls and training steps may share it
                 buffer = self._buffers[thread] = torch.empty(shape, dtype=dtype, device=device)
         return buffer
-
-    def clear(self) -> None:
-        self._buffers.clear()
 
 
 class LocAtViTGaussianBias(nn.Module):
@@ -863,9 +859,7 @@ class LocAtViTModel(LocAtViTPreTrainedModel):
         self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool | None = None, **kwargs
     ) -> tuple[torch.Tensor, tuple[int, int]]:
         """Output of the last block (before the final norm and PRR) and the patch grid it lies on."""
-        check_pixel_values(pixel_values, self.config)
-        expected_dtype = self.embeddings.patch_embeddings.projection.weight.dtype
-        embeddings, grid_size = self.embeddings(pixel_values.to(expected_dtype), interpolate_pos_encoding)
+        embeddings, grid_size = self.embeddings(pixel_values, interpolate_pos_encoding)
         return self.encoder(embeddings, grid_size, **kwargs), grid_size
 
     @merge_with_config_defaults
@@ -1065,9 +1059,7 @@ class LocAtViTBackbone(BackboneMixin, LocAtViTPreTrainedModel):
         interpolate_pos_encoding: bool | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> BackboneOutput:
-        check_pixel_values(pixel_values, self.config)
-        expected_dtype = self.embeddings.patch_embeddings.projection.weight.dtype
-        hidden_states, grid_size = self.embeddings(pixel_values.to(expected_dtype), interpolate_pos_encoding)
+        hidden_states, grid_size = self.embeddings(pixel_values, interpolate_pos_encoding)
         wanted = {index % len(self.stage_names) for index in self.out_indices}
         # Blocks after the last wanted one are skipped unless the caller asked for every layer's outputs.
         records_layers = kwargs.get("output_hidden_states") or kwargs.get("output_attentions")

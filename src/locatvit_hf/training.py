@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -28,6 +29,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 from transformers import Trainer, TrainerCallback
+
+logger = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Data parallelism on CPU-only machines
@@ -187,6 +190,72 @@ def install_gaussian_stats(trainer: Trainer) -> GaussianStatsCallback:
     callback = GaussianStatsCallback()
     trainer.callback_handler.callbacks.insert(0, callback)
     return callback
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The run, shared by the example scripts
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def checkpoint_to_resume(training_args) -> str | bool | None:
+    """`--resume_from_checkpoint` as the scripts read it: a path, 'latest'/'true' for the last checkpoint in
+    `output_dir`, or, when not given, the last checkpoint already there (a stopped run picks up where it was)."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    resume = training_args.resume_from_checkpoint
+    if isinstance(resume, str) and resume.lower() in {"latest", "true"}:
+        return get_last_checkpoint(training_args.output_dir)
+    if resume is None and training_args.do_train and os.path.isdir(training_args.output_dir or ""):
+        resume = get_last_checkpoint(training_args.output_dir)
+        if resume is not None:
+            logger.info(f"Resuming from the last checkpoint in the output directory: {resume}")
+    return resume
+
+
+def one_cycle_settings(model_args) -> dict | None:
+    """The `one_cycle` argument of `LocAtViTTrainer` from a script's model arguments (None: the Trainer's own
+    `--lr_scheduler_type`)."""
+    if model_args.lr_schedule != "one_cycle":
+        return None
+    return {"div_factor": model_args.one_cycle_div_factor, "final_div_factor": model_args.one_cycle_final_div_factor}
+
+
+def train_and_evaluate(trainer: Trainer, train_dataset, eval_dataset, resume) -> dict:
+    """Train (then save the model, its metrics and the Trainer state), evaluate, and print this process's parameter
+    digest: data-parallel replicas must agree. Returns the train and eval metrics."""
+    args = trainer.args
+    results = {}
+    if train_dataset is not None:
+        train_result = trainer.train(resume_from_checkpoint=resume)
+        trainer.save_model()
+        metrics = dict(train_result.metrics)
+        metrics["train_samples"] = len(train_dataset)
+        metrics["train_global_step"] = trainer.state.global_step
+        metrics["train_world_size"] = args.world_size
+        trainer.log_metrics("train", metrics)
+        trainer.save_metrics("train", metrics)
+        trainer.save_state()
+        results.update(metrics)
+    if eval_dataset is not None:
+        metrics = trainer.evaluate()
+        metrics["eval_samples"] = len(eval_dataset)
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+        results.update(metrics)
+    digest = parameter_digest(trainer.accelerator.unwrap_model(trainer.model))
+    print(f"[rank {args.process_index}/{args.world_size}] final parameter digest {digest}", flush=True)
+    return results
+
+
+def publish(trainer: Trainer, finetuned_from: str, task: str, dataset_name: str | None) -> None:
+    """The Trainer's model card (and, with `--push_to_hub`, the upload) for a finished run."""
+    card = {"finetuned_from": finetuned_from, "tasks": task}
+    if dataset_name is not None:
+        card["dataset"] = dataset_name
+    if trainer.args.push_to_hub:
+        trainer.push_to_hub(**card)
+    elif trainer.is_world_process_zero():
+        trainer.create_model_card(**card)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
