@@ -6,7 +6,12 @@ Both models use `sdpa`, the same hidden size, depth, heads, patch and configured
 go through `interpolate_pos_encoding=True`, as when fine-tuning or segmenting at 512 px. Runs are interleaved after a
 warm-up and the ratio of the medians is reported. Training memory is measured for each model in a fresh subprocess:
 peak RSS sampled during one training step minus the RSS just before it on CPU (`max_memory_allocated` minus the
-allocation before it on CUDA), so it counts activations, gradients and optimizer state, not the libraries.
+allocation before it on CUDA), so it counts activations, gradients and optimizer state, not the libraries; the
+median of three such subprocesses per model is reported.
+
+On CPU, glibc returns large freed blocks to the system, and every reuse then pays a page fault per 4 KB: a sizeable,
+run-to-run varying share of both models' time on small machines. To measure without it (as with a caching allocator),
+run with `MALLOC_MMAP_THRESHOLD_=268435456 MALLOC_TRIM_THRESHOLD_=1073741824`; the setting is recorded in the output.
 """
 
 import argparse
@@ -152,14 +157,19 @@ def memory_child(kind: str, gradient_checkpointing: bool) -> int:
     return max(peak, rss_bytes()) - before
 
 
-def memory_ratio(gradient_checkpointing: bool) -> dict:
+def memory_ratio(gradient_checkpointing: bool, runs: int) -> dict:
+    """Median over `runs` fresh subprocesses per model: on CPU the peak RSS of one step varies by tens of MB with
+    where the allocator happens to place and release large blocks."""
     result = {}
     for kind in ("locatvit", "vit"):
         command = [sys.executable, __file__, "--memory-child", kind]
         if gradient_checkpointing:
             command.append("--gradient-checkpointing")
-        output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-        result[f"{kind}_mb"] = int(output.strip().splitlines()[-1]) / 2**20
+        peaks = []
+        for _ in range(runs):
+            output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+            peaks.append(int(output.strip().splitlines()[-1]))
+        result[f"{kind}_mb"] = statistics.median(peaks) / 2**20
     result["ratio"] = result["locatvit_mb"] / result["vit_mb"]
     return result
 
@@ -180,6 +190,9 @@ def main() -> None:
     cases = [case for case in CASES if not args.quick or case[1] == "tiny"]
     repeats = 3 if args.quick else args.repeats
     machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {DEVICE}"
+    tuned = [f"{name}={value}" for name, value in sorted(os.environ.items()) if name.startswith("MALLOC_")]
+    if tuned:  # glibc's allocator settings change how often large CPU tensors cost page faults
+        machine += ", " + " ".join(tuned)
     if DEVICE == "cuda":
         machine = f"{torch.cuda.get_device_name()}, cuda"
     rows = []
@@ -194,7 +207,7 @@ def main() -> None:
         )
     size, pixels, batch = MEMORY_CASE
     for checkpointing in (True, False):
-        result = memory_ratio(checkpointing)
+        result = memory_ratio(checkpointing, 1 if args.quick else 3)
         label = f"train memory, {size}, {pixels} px, b{batch}{', ckpt' if checkpointing else ''}"
         rows.append({"measure": label, **result})
         print(f"{label:<34} {result['locatvit_mb']:>8.0f}MB {result['vit_mb']:>8.0f}MB {result['ratio']:>6.2f}x")

@@ -142,7 +142,7 @@ def test_separable_writer_gradcheck():
     """The hand-written backward of the bias writer equals numerical gradients (float64)."""
     row = torch.rand(2, 2, 6, 2, dtype=torch.float64, requires_grad=True)
     col = torch.rand(2, 2, 6, 3, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda r, c: SeparableBiasWriter.apply(r, c, 1, None, torch.float64), (row, col))
+    assert torch.autograd.gradcheck(lambda r, c: SeparableBiasWriter.apply(r, c, 1, torch.float64), (row, col))
 
 
 def test_bias_gradients_equal_autograd_through_the_formula():
@@ -182,8 +182,35 @@ def formula_bias_differentiable(module, query, grid, initial_grid):
     return torch.nn.functional.pad(patch, (1, 0, 1, 0))
 
 
-def test_recomputing_attention_gradcheck():
-    """The fused forward + slice-by-slice recomputing backward equals numerical gradients (float64)."""
+@pytest.fixture(params=["keeps_probabilities", "recomputes_probabilities"])
+def attention_path(request, monkeypatch):
+    """Runs a test on both paths of `SeparableBiasAttention`: short sequences keep their probabilities, long ones
+    (here: all, with the length limit set to 0) run the fused kernel and recompute them in backward."""
+    import locatvit_hf.modeling_locatvit as modeling
+
+    if request.param == "recomputes_probabilities":
+        monkeypatch.setattr(modeling, "KEPT_PROBABILITY_TOKENS_PER_HEAD_DIM", 0)
+    return request.param
+
+
+def test_attention_paths_keep_what_they_say():
+    """Up to 4 tokens per head dimension the (B * heads, N, N) probabilities are saved; beyond, only the
+    log-sum-exp (B, heads, N), so that long sequences keep nothing of size N x N."""
+    from locatvit_hf.modeling_locatvit import BiasWorkspace, SeparableBiasAttention
+
+    for (height, width), keeps in (((3, 5), True), ((4, 5), False)):  # head_dim 4: at most 16 tokens kept
+        seq_len = 1 + height * width
+        query, key, value = (torch.randn(2, 3, seq_len, 4, requires_grad=True) for _ in "qkv")
+        row = torch.rand(2, 3, height * width, height, requires_grad=True)
+        col = torch.rand(2, 3, height * width, width, requires_grad=True)
+        output = SeparableBiasAttention.apply(query, key, value, row, col, 0.5, 1, BiasWorkspace())
+        shapes = [tuple(t.shape) for t in output.grad_fn.saved_tensors]
+        assert ((6, seq_len, seq_len) in shapes) == keeps
+        assert ((2, 3, seq_len) in shapes) == (not keeps)
+
+
+def test_recomputing_attention_gradcheck(attention_path):
+    """The attention's forward and hand-written backward equal numerical gradients (float64), on both paths."""
     from locatvit_hf.modeling_locatvit import BiasWorkspace, SeparableBiasAttention
 
     torch.manual_seed(0)
@@ -202,8 +229,9 @@ def test_recomputing_attention_gradcheck():
     assert torch.autograd.gradcheck(attention, (query, key, value, row, col))
 
 
-def test_training_gradients_equal_across_attention_paths():
-    """CPU training with sdpa (bias recomputed in backward) and eager (bias written, plain autograd) agree."""
+def test_training_gradients_equal_across_attention_paths(attention_path):
+    """CPU training with sdpa (`SeparableBiasAttention`, both paths) and eager (bias written, plain autograd)
+    agree."""
     import copy
 
     from locatvit_hf import LocAtViTForSemanticSegmentation
@@ -232,6 +260,7 @@ def test_recomputing_attention_in_batch_chunks(monkeypatch):
     import locatvit_hf.modeling_locatvit as modeling
 
     monkeypatch.setattr(modeling, "SLAB_BYTES", 1000)
+    monkeypatch.setattr(modeling, "KEPT_PROBABILITY_TOKENS_PER_HEAD_DIM", 0)
     assert modeling.batch_chunks(3, 2, 13, 4) == [slice(0, 1), slice(1, 2), slice(2, 3)]
     torch.manual_seed(0)
     batch, heads, height, width, dim = 3, 2, 3, 4, 8
@@ -265,3 +294,51 @@ def test_bias_gradient_reduction_on_small_and_large_grids(grid):
     blocks = grad.reshape(3, patches, height, width)
     torch.testing.assert_close(grad_row, torch.einsum("sprc,spc->spr", blocks, col))
     torch.testing.assert_close(grad_col, torch.einsum("sprc,spr->spc", blocks, row))
+
+
+def test_bias_holds_no_subnormal_numbers():
+    """Narrow Gaussians underflow far from the query: those entries are exact zeros, never subnormal floats (which
+    x86 CPUs process about 100x slower), and the rest still equals the formula."""
+    config = tiny_config(image_size=128, patch_size=8)  # grid 16 x 16
+    torch.manual_seed(0)
+    module = randomized_module(config)
+    with torch.no_grad():
+        module.variance_proj.bias.fill_(-8.0)  # variances ~0.1: exp(-0.5 * 15^2 / 0.2) underflows float32
+        query = torch.randn(2, 2, 1 + 16 * 16, config.head_dim)
+        bias = module.eval()(query, (16, 16))
+    magnitude = bias.abs()
+    assert not ((magnitude > 0) & (magnitude < torch.finfo(torch.float32).tiny)).any()
+    assert (bias == 0).float().mean() > 0.5
+    expected = formula_bias(module, query, (16, 16), config.grid_size)
+    torch.testing.assert_close(bias.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_bias_buffer_layout():
+    """`new_bias_buffer`: zero prefix rows and columns, rows padded to 64-byte lines, and on CPU each row's patch
+    block starting on a line (aligned vector stores)."""
+    from locatvit_hf.modeling_locatvit import new_bias_buffer
+
+    for seq_len in (17, 197, 1025):
+        bias = new_bias_buffer((2, 3, seq_len, seq_len), torch.float32, torch.device("cpu"))
+        assert bias.shape == (2, 3, seq_len, seq_len) and bias.stride(-1) == 1
+        assert bias.stride(-2) % 16 == 0 and bias.stride(-2) >= seq_len
+        assert bias[0, 0, 1, 1:].data_ptr() % 64 == 0 and bias[1, 2, 5, 1:].data_ptr() % 64 == 0
+        assert (bias[..., 0, :] == 0).all() and (bias[..., 0] == 0).all()
+
+
+def test_inference_reuses_one_bias_buffer():
+    """Without a gradient all layers and calls write their bias into the encoder's one buffer (no allocation, and no
+    page faults, per layer), and results do not depend on what the buffer held before."""
+    from locatvit_hf import LocAtViTModel
+
+    torch.manual_seed(0)
+    model = LocAtViTModel._from_config(tiny_config(num_hidden_layers=3), attn_implementation="sdpa").eval()
+    workspace = model.encoder.bias_workspace
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        first = model(x).last_hidden_state
+        pointers = {key: buffer.data_ptr() for key, buffer in workspace._buffers.items()}
+        model(torch.randn(2, 3, 32, 32))
+        again = model(x).last_hidden_state
+    assert len(pointers) == 1 and {k: b.data_ptr() for k, b in workspace._buffers.items()} == pointers
+    torch.testing.assert_close(again, first, rtol=0, atol=0)

@@ -135,14 +135,10 @@ class SeparableBiasWriter(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(
-        ctx, row: torch.Tensor, col: torch.Tensor, num_prefix: int, bias: torch.Tensor | None, dtype: torch.dtype
-    ) -> torch.Tensor:
-        """`bias`: an uninitialized (B, heads, N, N) tensor to write into, or None to allocate one."""
+    def forward(ctx, row: torch.Tensor, col: torch.Tensor, num_prefix: int, dtype: torch.dtype) -> torch.Tensor:
         batch, heads, num_patches, _ = row.shape
         seq_len = num_prefix + num_patches
-        if bias is None:
-            bias = new_bias_buffer((batch, heads, seq_len, seq_len), dtype, row.device)
+        bias = new_bias_buffer((batch, heads, seq_len, seq_len), dtype, row.device)
         ctx.save_for_backward(row, col)
         ctx.num_prefix = num_prefix
         return write_separable_bias(bias, row, col, num_prefix)
@@ -161,7 +157,7 @@ class SeparableBiasWriter(torch.autograd.Function):
 
         patch_block = grad_bias[:, :, num_prefix:, num_prefix:].to(row.dtype).flatten(0, 1)
         reduce_bias_gradient(patch_block, flat(row), flat(col), flat(grad_row), flat(grad_col))
-        return grad_row, grad_col, None, None, None
+        return grad_row, grad_col, None, None
 
 
 @functools.lru_cache(maxsize=16)
@@ -182,39 +178,53 @@ def query_distance_tables(height: int, width: int, floor: float, device: torch.d
 
 
 def new_bias_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """An uninitialized (..., N, N) bias whose rows are padded to whole 64-byte lines, placed (on CPU) so that each
-    row's patch columns, after the prefix, start on a line: the bias is then written with aligned vector stores
-    (1.7x faster at 512 px), and CUDA's memory-efficient attention takes it without first copying it to such a
-    layout. Attention kernels read the padded rows through the stride."""
+    """A (..., N, N) bias with zero prefix rows and columns and an uninitialized patch block, for
+    `write_separable_bias`. Its rows are padded to whole 64-byte lines, placed (on CPU) so that each row's patch
+    columns start on a line: the bias is then written with aligned vector stores (1.7x faster at 512 px), and CUDA's
+    memory-efficient attention takes it without first copying it to such a layout. Attention kernels read the
+    padded rows through the stride."""
     *leading, rows, cols = shape
     per_line = max(1, 64 // torch.empty((), dtype=dtype).element_size())
     row_stride = -(-cols // per_line) * per_line
     offset = -NUM_PREFIX_TOKENS % per_line if torch.device(device).type == "cpu" else 0
     storage = torch.empty(offset + math.prod(leading) * rows * row_stride, dtype=dtype, device=device)
-    return storage[offset:].view(*leading, rows, row_stride)[..., :cols]
+    return zero_prefix(storage[offset:].view(*leading, rows, row_stride)[..., :cols], NUM_PREFIX_TOKENS)
+
+
+def zero_prefix(bias: torch.Tensor, num_prefix: int) -> torch.Tensor:
+    """Zeroes the rows and columns of the prefix tokens of `bias` (..., N, N), which get no Gaussian bias."""
+    bias[..., :num_prefix, :].zero_()
+    bias[..., num_prefix:, :num_prefix].zero_()
+    return bias
 
 
 class BiasWorkspace:
-    """The one (B, heads, N, N) bias buffer that all layers of an encoder write into when no gradient is recorded.
+    """The (…, N, N) buffers that all layers of an encoder reuse for what no layer keeps after its attention ran.
 
-    Without a gradient nothing keeps a layer's bias once its attention has read it, so one buffer serves every layer
-    and every call: the bias then costs its writes only, not a fresh allocation (and, on CPU, its page faults) per
-    layer. One buffer per thread, so concurrent inference calls do not share it. Consequence for forward hooks on
-    `LocAtViTGaussianBias`: in inference its output is overwritten by the next layer; clone it to keep it.
+    Without a gradient that is the bias itself (`"bias"`, from `new_bias_buffer`); in CPU training
+    (`SeparableBiasAttention`) also the scores and their gradient (`"scores"`, `"grad_scores"`, contiguous). Reused
+    across layers and calls, they cost their writes only, not a fresh allocation per layer (on CPU, large
+    allocations go back to the system when freed, and each reuse then pays a page fault per 4 KB). One set per
+    thread, so concurrent calls do not share them. Consequence for forward hooks on `LocAtViTGaussianBias`: in
+    inference its output is overwritten by the next layer; clone it to keep it.
     """
 
     def __init__(self):
-        self._buffers: dict[int, torch.Tensor] = {}
+        self._buffers: dict[tuple[int, str], torch.Tensor] = {}
 
-    def get(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        thread = threading.get_ident()
-        buffer = self._buffers.get(thread)
+    def get(self, purpose: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        key = (threading.get_ident(), purpose)
+        buffer = self._buffers.get(key)
         if buffer is None or buffer.shape != shape or buffer.dtype != dtype or buffer.device != device:
-            self._buffers.pop(thread, None)  # free the old one before allocating its replacement
+            self._buffers.pop(key, None)  # free the old one before allocating its replacement
             live = {t.ident for t in threading.enumerate()}
-            self._buffers = {t: b for t, b in self._buffers.items() if t in live}
+            self._buffers = {k: b for k, b in self._buffers.items() if k[0] in live}
             with torch.inference_mode(False):  # a normal tensor: inference calls and training steps may share it
-                buffer = self._buffers[thread] = new_bias_buffer(shape, dtype, device)
+                if purpose == "bias":
+                    buffer = new_bias_buffer(shape, dtype, device)
+                else:
+                    buffer = torch.empty(shape, dtype=dtype, device=device)
+                self._buffers[key] = buffer
         return buffer
 
 
@@ -261,13 +271,15 @@ class LocAtViTGaussianBias(nn.Module):
         float32 (float64 for float64 queries)."""
         dtype = torch.promote_types(queries.dtype, torch.float32)
         with torch.autocast(device_type=queries.device.type, enabled=False):
-            # Both maps in one matmul, over the token-major layout the q projection wrote (no copy for its view).
+            # Both maps in one matmul, over the token-major layout the q projection wrote (no copy for its view);
+            # the variance's shift goes into its bias, the grid's rescaling into its scale.
             weight = torch.cat((self.variance_proj.weight, self.strength_proj.weight)).to(dtype)
-            bias = torch.cat((self.variance_proj.bias, self.strength_proj.bias)).to(dtype)
+            bias = torch.cat((self.variance_proj.bias - self.variance_shift, self.strength_proj.bias)).to(dtype)
             projected = F.linear(queries.transpose(1, 2).to(dtype), weight, bias).transpose(1, 2)
-            variance = self.max_variance * torch.sigmoid(projected[..., :2] - self.variance_shift)
+            scale = self.max_variance
             if tuple(grid_size) != self.initial_grid:
-                variance = variance * (min(grid_size) / min(self.initial_grid))
+                scale *= min(grid_size) / min(self.initial_grid)
+            variance = torch.sigmoid(projected[..., :2]) * scale
             strength = F.softplus(projected[..., 2:].contiguous())  # softplus has no vectorized strided path
         return variance, strength
 
@@ -307,11 +319,11 @@ class LocAtViTGaussianBias(nn.Module):
         if torch.compiler.is_compiling():  # the compiler fuses the formula itself
             patch_bias = (row_profile.unsqueeze(-1) * col_profile.unsqueeze(-2)).flatten(-2).to(query.dtype)
             return F.pad(patch_bias, (NUM_PREFIX_TOKENS, 0, NUM_PREFIX_TOKENS, 0))
-        workspace = None
         if self.workspace is not None and not torch.is_grad_enabled():
             batch, heads, seq_len, _ = query.shape
-            workspace = self.workspace.get((batch, heads, seq_len, seq_len), query.dtype, query.device)
-        return SeparableBiasWriter.apply(row_profile, col_profile, NUM_PREFIX_TOKENS, workspace, query.dtype)
+            bias = self.workspace.get("bias", (batch, heads, seq_len, seq_len), query.dtype, query.device)
+            return write_separable_bias(bias, row_profile, col_profile, NUM_PREFIX_TOKENS)
+        return SeparableBiasWriter.apply(row_profile, col_profile, NUM_PREFIX_TOKENS, query.dtype)
 
     def _pooled_profiles(self, patch_queries: torch.Tensor, grid_size: tuple[int, int]):
         """Profiles of the original's training shortcut for large initial grids (`pooled_statistics`), evaluated once
@@ -403,9 +415,8 @@ def compiled_flex_attention() -> Callable:
 
 
 def write_separable_bias(bias: torch.Tensor, row: torch.Tensor, col: torch.Tensor, num_prefix: int) -> torch.Tensor:
-    """Fills `bias` (..., N, N) with row[..., i, r_j] * col[..., i, c_j] between patches and zeros elsewhere."""
-    bias[..., :num_prefix, :].zero_()
-    bias[..., num_prefix:, :num_prefix].zero_()
+    """Writes row[..., i, r_j] * col[..., i, c_j] into the patch block of `bias` (..., N, N), whose prefix rows and
+    columns must be 0 (`new_bias_buffer`, `zero_prefix`)."""
     patch_block = bias[..., num_prefix:, num_prefix:].unflatten(-1, (row.shape[-1], col.shape[-1]))
     torch.mul(row.unsqueeze(-1), col.unsqueeze(-2), out=patch_block)
     return bias
@@ -444,22 +455,42 @@ def batch_chunks(batch: int, heads: int, seq_len: int, element_size: int) -> lis
     return [slice(start, min(start + items, batch)) for start in range(0, batch, items)]
 
 
+# Sequences of at most this many tokens per head dimension keep their attention probabilities for the backward pass:
+# (heads, N, N) per image then adds at most a quarter to a layer's saved activations (about 15 x N x hidden), and
+# saves recomputing them. Longer sequences, whose probabilities grow with N^2, recompute them.
+KEPT_PROBABILITY_TOKENS_PER_HEAD_DIM = 4
+
+
 class SeparableBiasAttention(torch.autograd.Function):
     """softmax(q k^T * scale + B) v for a bias B given by its separable profiles, for training on CPU.
 
     PyTorch's CPU attention has a fused kernel for a float mask but not for the mask's gradient: with a mask that
-    needs one, `sdpa` falls back to its unfused math path, which keeps the (B, heads, N, N) probabilities of every
-    layer for the backward pass. Here the forward is the fused kernel, and the backward recomputes the bias from its
-    profiles and the probabilities from the saved log-sum-exp, then reduces the bias gradient to the profiles at
-    once. Both go through the batch in chunks of about `SLAB_BYTES`: nothing of size N x N outlives one chunk.
+    needs one, `sdpa` falls back to its unfused math path, which keeps the bias, the scores and the probabilities of
+    every layer. Here short sequences (`KEPT_PROBABILITY_TOKENS_PER_HEAD_DIM`) compute the attention with batched
+    matmuls and keep only the probabilities; long ones run the fused kernel, and the backward recomputes the bias
+    from its profiles and the probabilities from the saved log-sum-exp, going through the batch in chunks of about
+    `SLAB_BYTES`, so that nothing of size N x N outlives one chunk. Either way the bias gradient is reduced to the
+    profiles at once.
     """
 
     @staticmethod
     def forward(ctx, query, key, value, row, col, scale: float, num_prefix: int, workspace: "BiasWorkspace"):
-        batch, heads, seq_len, _ = query.shape
+        batch, heads, seq_len, dim = query.shape
+        ctx.scale, ctx.num_prefix = scale, num_prefix
+        ctx.keeps_probabilities = seq_len <= KEPT_PROBABILITY_TOKENS_PER_HEAD_DIM * dim
+        if ctx.keeps_probabilities:
+            slices = batch * heads
+            q, k, v = (tensor.reshape(slices, seq_len, dim) for tensor in (query, key, value))
+            scores = zero_prefix(workspace.get("scores", (slices, seq_len, seq_len), q.dtype, q.device), num_prefix)
+            write_separable_bias(scores, row.flatten(0, 1), col.flatten(0, 1), num_prefix)
+            probabilities = scores.baddbmm_(q, k.transpose(1, 2), alpha=scale).softmax(dim=-1)
+            ctx.workspace = workspace
+            output = torch.bmm(probabilities, v)
+            ctx.save_for_backward(q, k, v, row, col, output, probabilities)
+            return output.view(batch, heads, seq_len, dim)
         chunks = batch_chunks(batch, heads, seq_len, query.element_size())
         items = chunks[0].stop - chunks[0].start
-        buffer = workspace.get((items, heads, seq_len, seq_len), query.dtype, query.device)
+        buffer = workspace.get("bias", (items, heads, seq_len, seq_len), query.dtype, query.device)
         outputs, logsumexps = [], []
         for chunk in chunks:
             bias = write_separable_bias(buffer[: chunk.stop - chunk.start], row[chunk], col[chunk], num_prefix)
@@ -470,48 +501,74 @@ class SeparableBiasAttention(torch.autograd.Function):
             logsumexps.append(logsumexp)
         output, logsumexp = torch.cat(outputs), torch.cat(logsumexps)
         ctx.save_for_backward(query, key, value, row, col, output, logsumexp)
-        ctx.scale, ctx.num_prefix = scale, num_prefix
+        ctx.workspace = workspace
         return output
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):
-        query, key, value, row, col, output, logsumexp = ctx.saved_tensors
-        scale, num_prefix = ctx.scale, ctx.num_prefix
-        batch, heads, seq_len, dim = query.shape
-        # Contiguous gradients, whatever the inputs' layout: the chunks below write into views of them.
-        grads = [query.new_empty(t.shape) for t in (query, key, value)]
+        query, key, value, row, col, output, saved = ctx.saved_tensors
+        batch, heads = row.shape[:2]
         grad_row = row.new_empty(row.shape) if ctx.needs_input_grad[3] else None
         grad_col = col.new_empty(col.shape) if ctx.needs_input_grad[4] else None
+        if ctx.keeps_probabilities:  # query, key, value, output: (batch * heads, N, dim); saved: probabilities
+            grad_o = grad_output.reshape(output.shape)
+            grads = [torch.empty_like(t) for t in (query, key, value)]
+            attention_backward_slices(
+                saved,
+                query,
+                key,
+                value,
+                grad_o,
+                (grad_o * output).sum(-1, keepdim=True),
+                ctx,
+                grads,
+                row.flatten(0, 1),
+                col.flatten(0, 1),
+                None if grad_row is None else grad_row.flatten(0, 1),
+                None if grad_col is None else grad_col.flatten(0, 1),
+            )
+            return *(grad.view(batch, heads, *grad.shape[1:]) for grad in grads), grad_row, grad_col, None, None, None
+        _, _, seq_len, dim = query.shape
+        # Contiguous gradients, whatever the inputs' layout: the chunks below write into views of them.
+        grads = [query.new_empty(t.shape) for t in (query, key, value)]
         # D_i = sum_j P_ij dP_ij = dO_i . O_i, the softmax backward's row term.
         delta = (grad_output * output).sum(-1, keepdim=True)
         for chunk in batch_chunks(batch, heads, seq_len, query.element_size()):
             slices = (chunk.stop - chunk.start) * heads
 
             def flat(tensor, last=dim, chunk=chunk, slices=slices):
-                return tensor[chunk].reshape(slices, -1, last)
+                return None if tensor is None else tensor[chunk].reshape(slices, -1, last)
 
-            q, k, v, grad_o = flat(query), flat(key), flat(value), flat(grad_output)
-            grad_q, grad_k, grad_v = (flat(grad) for grad in grads)
+            q, k = flat(query), flat(key)
             rows, cols = flat(row, row.shape[-1]), flat(col, col.shape[-1])
-            probabilities = new_bias_buffer((slices, seq_len, seq_len), q.dtype, q.device)
-            probabilities = write_separable_bias(probabilities, rows, cols, num_prefix)
-            probabilities.baddbmm_(q, k.transpose(1, 2), alpha=scale)
-            probabilities.sub_(flat(logsumexp.unsqueeze(-1), 1)).exp_()
-            torch.bmm(probabilities.transpose(1, 2), grad_o, out=grad_v)
-            grad_scores = torch.bmm(grad_o, v.transpose(1, 2))
-            grad_scores.sub_(flat(delta, 1)).mul_(probabilities)  # dS = P * (dP - D): also the bias gradient
-            del probabilities
-            torch.bmm(grad_scores, k, out=grad_q).mul_(scale)
-            torch.bmm(grad_scores.transpose(1, 2), q, out=grad_k).mul_(scale)
-            reduce_bias_gradient(
-                grad_scores[:, num_prefix:, num_prefix:],
-                rows,
-                cols,
-                None if grad_row is None else flat(grad_row, row.shape[-1]),
-                None if grad_col is None else flat(grad_col, col.shape[-1]),
-            )
+            probabilities = ctx.workspace.get("scores", (slices, seq_len, seq_len), q.dtype, q.device)
+            write_separable_bias(zero_prefix(probabilities, ctx.num_prefix), rows, cols, ctx.num_prefix)
+            probabilities.baddbmm_(q, k.transpose(1, 2), alpha=ctx.scale)
+            probabilities.sub_(flat(saved.unsqueeze(-1), 1)).exp_()
+            attention_backward_slices(
+                probabilities, q, k, flat(value), flat(grad_output), flat(delta, 1), ctx,
+                [flat(grad) for grad in grads], rows, cols,
+                flat(grad_row, row.shape[-1]), flat(grad_col, col.shape[-1]),
+            )  # fmt: skip
         return *grads, grad_row, grad_col, None, None, None
+
+
+def attention_backward_slices(
+    probabilities, q, k, v, grad_o, delta, ctx, grads, rows, cols, grad_rows, grad_cols
+) -> None:
+    """Gradients of softmax(q k^T * scale + B) v for (slices, N, ...) tensors, given the probabilities and the
+    softmax backward's row term `delta`: into `grads` (for q, k, v) and the profile gradients (either may be None)."""
+    grad_q, grad_k, grad_v = grads
+    torch.bmm(probabilities.transpose(1, 2), grad_o, out=grad_v)
+    slices, seq_len = probabilities.shape[:2]
+    grad_scores = ctx.workspace.get("grad_scores", (slices, seq_len, seq_len), q.dtype, q.device)
+    torch.bmm(grad_o, v.transpose(1, 2), out=grad_scores)
+    grad_scores.sub_(delta).mul_(probabilities)  # dS = P * (dP - D): also the bias gradient
+    torch.bmm(grad_scores, k, out=grad_q).mul_(ctx.scale)
+    torch.bmm(grad_scores.transpose(1, 2), q, out=grad_k).mul_(ctx.scale)
+    prefix = ctx.num_prefix
+    reduce_bias_gradient(grad_scores[:, prefix:, prefix:], rows, cols, grad_rows, grad_cols)
 
 
 def eager_attention_forward(
