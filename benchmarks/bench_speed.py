@@ -7,7 +7,7 @@ go through `interpolate_pos_encoding=True`, as when fine-tuning or segmenting at
 warm-up and the ratio of the medians is reported. Training memory is measured for each model in a fresh subprocess:
 peak RSS sampled during one training step minus the RSS just before it on CPU (`max_memory_allocated` minus the
 allocation before it on CUDA), so it counts activations, gradients and optimizer state, not the libraries; the
-median of three such subprocesses per model is reported.
+median of five such subprocesses per model is reported.
 
 On CPU, glibc returns large freed blocks to the system, and every reuse then pays a page fault per 4 KB: a sizeable,
 run-to-run varying share of both models' time on small machines. To measure without it (as with a caching allocator),
@@ -207,7 +207,7 @@ def main() -> None:
         )
     size, pixels, batch = MEMORY_CASE
     for checkpointing in (True, False):
-        result = memory_ratio(checkpointing, 1 if args.quick else 3)
+        result = memory_ratio(checkpointing, 1 if args.quick else 5)
         label = f"train memory, {size}, {pixels} px, b{batch}{', ckpt' if checkpointing else ''}"
         rows.append({"measure": label, **result})
         print(f"{label:<34} {result['locatvit_mb']:>8.0f}MB {result['vit_mb']:>8.0f}MB {result['ratio']:>6.2f}x")
