@@ -342,3 +342,21 @@ def test_inference_reuses_one_bias_buffer():
         again = model(x).last_hidden_state
     assert len(pointers) == 1 and {k: b.data_ptr() for k, b in workspace._buffers.items()} == pointers
     torch.testing.assert_close(again, first, rtol=0, atol=0)
+
+
+def test_flushed_exp_gradient():
+    """The flushed exponential's hand-written backward equals numerical gradients, and autograd through the
+    clamp, exp and threshold it replaces, including at flushed entries (gradient 0)."""
+    from locatvit_hf.modeling_locatvit import PROFILE_FLOOR, FlushedExp
+
+    exponent = torch.linspace(-8, 2, 23, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(FlushedExp.apply, (exponent,))
+    exponent = torch.tensor([-200.0, -50.0, -43.5, -42.0, -3.0, 0.0, 1.5], requires_grad=True)
+    output = FlushedExp.apply(exponent)
+    (grad,) = torch.autograd.grad(output, exponent, torch.ones_like(output))
+    reference = exponent.clamp(min=math.log(PROFILE_FLOOR) - 1).exp()
+    reference = torch.nn.functional.threshold(reference, PROFILE_FLOOR, 0.0)
+    (expected,) = torch.autograd.grad(reference, exponent, torch.ones_like(reference))
+    torch.testing.assert_close(output, reference.detach())
+    torch.testing.assert_close(grad, expected)
+    assert output[:3].eq(0).all() and grad[:3].eq(0).all()

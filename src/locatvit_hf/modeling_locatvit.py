@@ -40,12 +40,32 @@ PROFILE_FLOOR = 2.0**-62
 
 def flushed_exp(exponent: torch.Tensor) -> torch.Tensor:
     """exp(exponent), set to 0 wherever it would not exceed `PROFILE_FLOOR`. The exponent is clamped first: on CPU,
-    exp takes a slow path for very negative arguments (and -inf), ten to a hundred times slower. In place when no
-    gradient is recorded through it."""
-    clamp_at = math.log(PROFILE_FLOOR) - 1.0  # exp of it is below the floor, so clamped entries are flushed
-    if exponent.requires_grad:
-        return F.threshold(exponent.clamp(min=clamp_at).exp(), PROFILE_FLOOR, 0.0)
-    return F.threshold_(exponent.clamp_(min=clamp_at).exp_(), PROFILE_FLOOR, 0.0)
+    exp takes a slow path for very negative arguments (and -inf), ten to a hundred times slower."""
+    if torch.compiler.is_compiling():  # the compiler fuses the three steps itself
+        return F.threshold(exponent.clamp(min=FLUSH_CLAMP).exp(), PROFILE_FLOOR, 0.0)
+    if not exponent.requires_grad:
+        return F.threshold_(exponent.clamp_(min=FLUSH_CLAMP).exp_(), PROFILE_FLOOR, 0.0)
+    return FlushedExp.apply(exponent)
+
+
+FLUSH_CLAMP = math.log(PROFILE_FLOOR) - 1.0  # exp of it is below the floor, so clamped entries are flushed
+
+
+class FlushedExp(torch.autograd.Function):
+    """`flushed_exp` keeping only its output for backward, whose gradient is grad * output (0 where flushed): one
+    saved tensor and one multiply, where autograd through clamp, exp and threshold keeps three and runs four ops."""
+
+    @staticmethod
+    def forward(ctx, exponent: torch.Tensor) -> torch.Tensor:
+        output = F.threshold_(exponent.clamp(min=FLUSH_CLAMP).exp_(), PROFILE_FLOOR, 0.0)
+        ctx.save_for_backward(output)
+        return output
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output: torch.Tensor) -> torch.Tensor:
+        (output,) = ctx.saved_tensors
+        return grad_output * output
 
 
 # The image-segmentation pipeline checks model types against this list, which the Auto registration does not extend.
