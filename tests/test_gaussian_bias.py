@@ -255,13 +255,21 @@ def test_training_gradients_equal_across_attention_paths(attention_path):
         torch.testing.assert_close(parameter.grad, eager_grads[name].grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_recomputing_attention_in_batch_chunks(monkeypatch):
-    """With a working-memory budget below one image, forward and backward go image by image, with equal results."""
+@pytest.mark.parametrize(
+    "slab_bytes, chunks",
+    [
+        (3000, [(slice(0, 2), slice(0, 2)), (slice(2, 3), slice(0, 2))]),  # two images fit
+        (1000, [(slice(b, b + 1), slice(h, h + 1)) for b in range(3) for h in range(2)]),  # not even one image
+    ],
+)
+def test_recomputing_attention_in_chunks(monkeypatch, slab_bytes, chunks):
+    """The recomputing path goes through the batch in blocks of about `SLAB_BYTES`: several images, or when one
+    image does not fit, a group of its heads; results equal plain autograd either way."""
     import locatvit_hf.modeling_locatvit as modeling
 
-    monkeypatch.setattr(modeling, "SLAB_BYTES", 1000)
+    monkeypatch.setattr(modeling, "SLAB_BYTES", slab_bytes)
     monkeypatch.setattr(modeling, "KEPT_PROBABILITY_TOKENS_PER_HEAD_DIM", 0)
-    assert modeling.batch_chunks(3, 2, 13, 4) == [slice(0, 1), slice(1, 2), slice(2, 3)]
+    assert modeling.attention_chunks(3, 2, 13, 4) == chunks  # one (13, 13) float32 map: 676 bytes
     torch.manual_seed(0)
     batch, heads, height, width, dim = 3, 2, 3, 4, 8
     seq_len = 1 + height * width

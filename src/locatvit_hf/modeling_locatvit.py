@@ -469,10 +469,19 @@ def reduce_bias_gradient(grad: torch.Tensor, row: torch.Tensor, col: torch.Tenso
 SLAB_BYTES = 16 * 2**20
 
 
-def batch_chunks(batch: int, heads: int, seq_len: int, element_size: int) -> list[slice]:
-    """Slices of the batch whose (heads, N, N) maps take about `SLAB_BYTES` (at least one item each)."""
-    items = max(1, SLAB_BYTES // (heads * seq_len * seq_len * element_size))
-    return [slice(start, min(start + items, batch)) for start in range(0, batch, items)]
+def attention_chunks(batch: int, heads: int, seq_len: int, element_size: int) -> list[tuple[slice, slice]]:
+    """(batch, heads) blocks whose (N, N) maps take about `SLAB_BYTES` together: whole images while one fits, else
+    groups of heads of one image (at least one head)."""
+    map_bytes = seq_len * seq_len * element_size
+    items = SLAB_BYTES // (heads * map_bytes)
+    if items >= 1:
+        return [(slice(start, min(start + items, batch)), slice(0, heads)) for start in range(0, batch, items)]
+    group = max(1, SLAB_BYTES // map_bytes)
+    return [
+        (slice(item, item + 1), slice(start, min(start + group, heads)))
+        for item in range(batch)
+        for start in range(0, heads, group)
+    ]
 
 
 # Sequences of at most this many tokens per head dimension keep their attention probabilities for the backward pass:
@@ -508,18 +517,17 @@ class SeparableBiasAttention(torch.autograd.Function):
             output = torch.bmm(probabilities, v)
             ctx.save_for_backward(q, k, v, row, col, output, probabilities)
             return output.view(batch, heads, seq_len, dim)
-        chunks = batch_chunks(batch, heads, seq_len, query.element_size())
-        items = chunks[0].stop - chunks[0].start
-        buffer = workspace.get("bias", (items, heads, seq_len, seq_len), query.dtype, query.device)
-        outputs, logsumexps = [], []
+        chunks = attention_chunks(batch, heads, seq_len, query.element_size())
+        items, group = (part.stop - part.start for part in chunks[0])
+        buffer = workspace.get("bias", (items, group, seq_len, seq_len), query.dtype, query.device)
+        output = query.new_empty(batch, heads, seq_len, dim)
+        logsumexp = query.new_empty(batch, heads, seq_len)
         for chunk in chunks:
-            bias = write_separable_bias(buffer[: chunk.stop - chunk.start], row[chunk], col[chunk], num_prefix)
-            output, logsumexp = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            bias = buffer[: chunk[0].stop - chunk[0].start, : chunk[1].stop - chunk[1].start]
+            write_separable_bias(bias, row[chunk], col[chunk], num_prefix)
+            output[chunk], logsumexp[chunk] = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
                 query[chunk], key[chunk], value[chunk], 0.0, False, attn_mask=bias, scale=scale
             )
-            outputs.append(output)
-            logsumexps.append(logsumexp)
-        output, logsumexp = torch.cat(outputs), torch.cat(logsumexps)
         ctx.save_for_backward(query, key, value, row, col, output, logsumexp)
         ctx.workspace = workspace
         return output
@@ -556,8 +564,8 @@ class SeparableBiasAttention(torch.autograd.Function):
         grads = [query.new_empty(t.shape) for t in (query, key, value)]
         # D_i = sum_j P_ij dP_ij = dO_i . O_i, the softmax backward's row term.
         delta = (grad_output * output).sum(-1, keepdim=True)
-        for chunk in batch_chunks(batch, heads, seq_len, query.element_size()):
-            slices = (chunk.stop - chunk.start) * heads
+        for chunk in attention_chunks(batch, heads, seq_len, query.element_size()):
+            slices = (chunk[0].stop - chunk[0].start) * (chunk[1].stop - chunk[1].start)
 
             def flat(tensor, last=dim, chunk=chunk, slices=slices):
                 return None if tensor is None else tensor[chunk].reshape(slices, -1, last)
