@@ -1,0 +1,33 @@
+"""The speed/memory benchmark script runs end to end (its quick mode) and writes the table it promises. No timing
+is asserted here: the ratios live in benchmarks/results*.json and the README."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_speed_quick_run_writes_all_measures(tmp_path):
+    output = tmp_path / "results.json"
+    command = [sys.executable, str(ROOT / "benchmarks" / "bench_speed.py"), "--quick", "--json", str(output)]
+    completed = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    results = json.loads(output.read_text())
+    measures = [row["measure"] for row in results["results"]]
+    assert measures == [
+        "forward, tiny, 224 px, batch 16",
+        "forward, tiny, 512 px, batch 2",
+        "train step, tiny, 224 px, batch 16",
+        "train step, tiny, 512 px, batch 4",
+        "train memory, tiny, 512 px, b4, ckpt",
+        "train memory, tiny, 512 px, b4",
+    ]
+    for row in results["results"]:
+        values = [value for key, value in row.items() if key != "measure"]
+        assert all(value > 0 for value in values), row
+        unit = "_s" if "train memory" not in row["measure"] else "_mb"
+        assert row["ratio"] == row[f"locatvit{unit}"] / row[f"vit{unit}"]
+    assert "threads" in results["machine"] and results["torch"] == __import__("torch").__version__
+    assert "ratio" in completed.stdout
