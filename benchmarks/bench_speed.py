@@ -1,13 +1,14 @@
 """LocAtViT against transformers' ViT of the same size: time and memory ratios measured in one run.
 
-    python benchmarks/bench_speed.py [--repeats 7] [--json benchmarks/results.json] [--quick]
+    python benchmarks/bench_speed.py [--repeats 7] [--json benchmarks/results.json] [--quick] [--high-res]
 
 Both models use `sdpa`, the same hidden size, depth, heads, patch and configured image size (224); other resolutions
 go through `interpolate_pos_encoding=True`, as when fine-tuning or segmenting at 512 px. Runs are interleaved after a
 warm-up and the ratio of the medians is reported. Training memory is measured for each model in a fresh subprocess:
 peak RSS sampled during one training step minus the RSS just before it on CPU (`max_memory_allocated` minus the
 allocation before it on CUDA), so it counts activations, gradients and optimizer state, not the libraries; the
-median of five such subprocesses per model is reported.
+median of five such subprocesses per model is reported. `--high-res` adds training at 1024 px, and on CUDA
+LocAtViT with `attn_implementation="flex_attention"` (the Gaussian inside the kernel) at 512 and 1024 px.
 
 On CPU, glibc returns large freed blocks to the system, and every reuse then pays a page fault per 4 KB: a sizeable,
 run-to-run varying share of both models' time on small machines. To measure without it (as with a caching allocator),
@@ -32,19 +33,31 @@ from locatvit_hf import LocAtViTConfig, LocAtViTForImageClassification
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
-# (name, size, pixels, batch, mode)
+# (name, size, pixels, batch, mode, LocAtViT's attention implementation; the ViT always uses sdpa)
 CASES = [
-    ("forward", "tiny", 224, 16, "inference"),
-    ("forward", "tiny", 512, 2, "inference"),
-    ("forward", "base", 224, 16, "inference"),
-    ("forward", "base", 512, 2, "inference"),
-    ("train step", "tiny", 224, 16, "training"),
-    ("train step", "tiny", 512, 4, "training"),
+    ("forward", "tiny", 224, 16, "inference", "sdpa"),
+    ("forward", "tiny", 512, 2, "inference", "sdpa"),
+    ("forward", "base", 224, 16, "inference", "sdpa"),
+    ("forward", "base", 512, 2, "inference", "sdpa"),
+    ("train step", "tiny", 224, 16, "training", "sdpa"),
+    ("train step", "tiny", 512, 4, "training", "sdpa"),
 ]
-MEMORY_CASE = ("tiny", 512, 4)
+# (size, pixels, batch, LocAtViT's attention implementation)
+MEMORY_CASES = [("tiny", 512, 4, "sdpa")]
 
 
-def build(kind: str, size: str, gradient_checkpointing: bool = False):
+def high_res_cases() -> tuple[list, list]:
+    """Training at 1024 px; on CUDA also the flex-attention path (CPU flex attention has no backward)."""
+    cases = [("train step", "tiny", 1024, 1, "training", "sdpa")]
+    memory = [("tiny", 1024, 1, "sdpa")]
+    if DEVICE == "cuda":
+        for pixels, batch in ((512, 4), (1024, 1)):
+            cases.append(("train step", "tiny", pixels, batch, "training", "flex_attention"))
+            memory.append(("tiny", pixels, batch, "flex_attention"))
+    return cases, memory
+
+
+def build(kind: str, size: str, gradient_checkpointing: bool = False, attention: str = "sdpa"):
     config = LocAtViTConfig.from_preset(size, num_labels=1000)
     if kind == "vit":
         vit_config = ViTConfig(
@@ -59,7 +72,7 @@ def build(kind: str, size: str, gradient_checkpointing: bool = False):
         )
         model = ViTForImageClassification._from_config(vit_config, attn_implementation="sdpa")
     else:
-        model = LocAtViTForImageClassification._from_config(config, attn_implementation="sdpa")
+        model = LocAtViTForImageClassification._from_config(config, attn_implementation=attention)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable()
     return model.to(DEVICE)
@@ -99,8 +112,10 @@ def timed(step) -> float:
     return time.perf_counter() - start
 
 
-def time_ratio(size: str, pixels: int, batch: int, mode: str, repeats: int) -> dict:
-    steps = {kind: make_step(build(kind, size), pixels, batch, mode) for kind in ("locatvit", "vit")}
+def time_ratio(size: str, pixels: int, batch: int, mode: str, repeats: int, attention: str = "sdpa") -> dict:
+    steps = {
+        kind: make_step(build(kind, size, attention=attention), pixels, batch, mode) for kind in ("locatvit", "vit")
+    }
     for step in steps.values():  # warm-up
         step()
         step()
@@ -121,10 +136,10 @@ def rss_bytes() -> int:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def memory_child(kind: str, gradient_checkpointing: bool) -> int:
+def memory_child(kind: str, gradient_checkpointing: bool, case: tuple = MEMORY_CASES[0]) -> int:
     """Extra memory of one training step of `kind`, measured in this (fresh) process."""
-    size, pixels, batch = MEMORY_CASE
-    model = build(kind, size, gradient_checkpointing)
+    size, pixels, batch, attention = case
+    model = build(kind, size, gradient_checkpointing, attention)
     with torch.no_grad():  # loads the kernels, so that their one-off allocations are not counted
         model.eval()(torch.randn(1, 3, pixels, pixels, device=DEVICE), interpolate_pos_encoding=True)
     step = make_step(model, pixels, batch, "training")
@@ -157,12 +172,13 @@ def memory_child(kind: str, gradient_checkpointing: bool) -> int:
     return max(peak, rss_bytes()) - before
 
 
-def memory_ratio(gradient_checkpointing: bool, runs: int) -> dict:
+def memory_ratio(gradient_checkpointing: bool, runs: int, case: tuple = MEMORY_CASES[0]) -> dict:
     """Median over `runs` fresh subprocesses per model: on CPU the peak RSS of one step varies by tens of MB with
     where the allocator happens to place and release large blocks."""
     result = {}
     for kind in ("locatvit", "vit"):
-        command = [sys.executable, __file__, "--memory-child", kind]
+        size, pixels, batch, attention = case
+        command = [sys.executable, __file__, "--memory-child", kind, "--case", f"{size},{pixels},{batch},{attention}"]
         if gradient_checkpointing:
             command.append("--gradient-checkpointing")
         peaks = []
@@ -179,15 +195,23 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--json", default="benchmarks/results.json")
     parser.add_argument("--quick", action="store_true", help="tiny cases only, 3 repeats (a smoke run)")
+    parser.add_argument("--high-res", action="store_true", help="add 1024 px training (and flex attention on CUDA)")
     parser.add_argument("--memory-child", choices=["locatvit", "vit"], help=argparse.SUPPRESS)
+    parser.add_argument("--case", default="tiny,512,4,sdpa", help=argparse.SUPPRESS)
     parser.add_argument("--gradient-checkpointing", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.manual_seed(0)
     if args.memory_child:
-        print(memory_child(args.memory_child, args.gradient_checkpointing))
+        size, pixels, batch, attention = args.case.split(",")
+        print(memory_child(args.memory_child, args.gradient_checkpointing, (size, int(pixels), int(batch), attention)))
         return
 
     cases = [case for case in CASES if not args.quick or case[1] == "tiny"]
+    memory_cases = list(MEMORY_CASES)
+    if args.high_res:
+        extra_cases, extra_memory = high_res_cases()
+        cases += extra_cases
+        memory_cases += extra_memory
     repeats = 3 if args.quick else args.repeats
     machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {DEVICE}"
     tuned = [f"{name}={value}" for name, value in sorted(os.environ.items()) if name.startswith("MALLOC_")]
@@ -198,19 +222,21 @@ def main() -> None:
     rows = []
     print(f"LocAtViT / ViT (transformers), sdpa, torch {torch.__version__}, {machine}")
     print(f"{'measure':<34} {'LocAtViT':>10} {'ViT':>10} {'ratio':>7}")
-    for name, size, pixels, batch, mode in cases:
-        result = time_ratio(size, pixels, batch, mode, repeats)
-        label = f"{name}, {size}, {pixels} px, batch {batch}"
+    for name, size, pixels, batch, mode, attention in cases:
+        result = time_ratio(size, pixels, batch, mode, repeats, attention)
+        label = f"{name}, {size}, {pixels} px, batch {batch}" + ("" if attention == "sdpa" else f", {attention}")
         rows.append({"measure": label, **result})
         print(
             f"{label:<34} {result['locatvit_s'] * 1e3:>8.1f}ms {result['vit_s'] * 1e3:>8.1f}ms {result['ratio']:>6.2f}x"
         )
-    size, pixels, batch = MEMORY_CASE
-    for checkpointing in (True, False):
-        result = memory_ratio(checkpointing, 1 if args.quick else 5)
-        label = f"train memory, {size}, {pixels} px, b{batch}{', ckpt' if checkpointing else ''}"
-        rows.append({"measure": label, **result})
-        print(f"{label:<34} {result['locatvit_mb']:>8.0f}MB {result['vit_mb']:>8.0f}MB {result['ratio']:>6.2f}x")
+    for case in memory_cases:
+        size, pixels, batch, attention = case
+        for checkpointing in (True, False):
+            result = memory_ratio(checkpointing, 1 if args.quick else 5, case)
+            label = f"train memory, {size}, {pixels} px, b{batch}" + ("" if attention == "sdpa" else f", {attention}")
+            label += ", ckpt" if checkpointing else ""
+            rows.append({"measure": label, **result})
+            print(f"{label:<34} {result['locatvit_mb']:>8.0f}MB {result['vit_mb']:>8.0f}MB {result['ratio']:>6.2f}x")
     with open(args.json, "w") as file:
         json.dump({"machine": machine, "torch": torch.__version__, "results": rows}, file, indent=2)
     print(f"wrote {args.json}")
