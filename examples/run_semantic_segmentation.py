@@ -24,7 +24,6 @@ See examples/README.md for every command.
 
 import json
 import logging
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +49,7 @@ from locatvit_hf.training import (
     logits_to_label_size,
     one_cycle_settings,
     parse_config_overrides,
+    parse_run_arguments,
     publish,
     synthetic_dataset,
     train_and_evaluate,
@@ -473,27 +473,7 @@ def build_parser(argv: list[str]) -> HfArgumentParser:
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(argv)
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        model_args, data_args, training_args = parser.parse_json_file(json_file=os.path.abspath(argv[0]))
-    else:
-        model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
-
-    logging.basicConfig(
-        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
-        datefmt="%m/%d/%Y %H:%M:%S",
-        handlers=[logging.StreamHandler(sys.stdout)],
-    )
-    if training_args.should_log:
-        transformers.utils.logging.set_verbosity_info()
-    log_level = training_args.get_process_log_level()
-    logger.setLevel(log_level)
-    logging.getLogger("locatvit_hf").setLevel(log_level)  # the shared run helpers log there
-    datasets.utils.logging.set_verbosity(log_level)
-    transformers.utils.logging.set_verbosity(log_level)
-    logger.warning(
-        f"Process rank: {training_args.process_index}, world size: {training_args.world_size}, device: "
-        f"{training_args.device}, distributed: {training_args.parallel_mode.value}, use_cpu: {training_args.use_cpu}"
-    )
+    model_args, data_args, training_args = parse_run_arguments(parser, argv, logger)
     if data_args.uses_synthetic_data:
         logger.warning("No data arguments: running the CPU demo on generated synthetic scenes.")
 

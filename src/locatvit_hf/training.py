@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import re
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -195,6 +196,37 @@ def install_gaussian_stats(trainer: Trainer) -> GaussianStatsCallback:
 # ---------------------------------------------------------------------------------------------------------------------
 # The run, shared by the example scripts
 # ---------------------------------------------------------------------------------------------------------------------
+
+
+def parse_run_arguments(parser, argv: list[str], script_logger: logging.Logger) -> tuple:
+    """The scripts' command line (flags, or a single JSON file of them) parsed into the parser's dataclasses, and
+    logging set up as in transformers' examples: the process's log level for the script, this package, datasets
+    and transformers, and one line per process saying where it runs."""
+    import datasets
+    import transformers
+
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        parsed = parser.parse_json_file(json_file=os.path.abspath(argv[0]))
+    else:
+        parsed = parser.parse_args_into_dataclasses(args=argv)
+    training_args = parsed[-1]
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%m/%d/%Y %H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
+    if training_args.should_log:
+        transformers.utils.logging.set_verbosity_info()
+    log_level = training_args.get_process_log_level()
+    script_logger.setLevel(log_level)
+    logging.getLogger("locatvit_hf").setLevel(log_level)
+    datasets.utils.logging.set_verbosity(log_level)
+    transformers.utils.logging.set_verbosity(log_level)
+    script_logger.warning(
+        f"Process rank: {training_args.process_index}, world size: {training_args.world_size}, device: "
+        f"{training_args.device}, distributed: {training_args.parallel_mode.value}, use_cpu: {training_args.use_cpu}"
+    )
+    return parsed
 
 
 def checkpoint_to_resume(training_args) -> str | bool | None:
