@@ -4,11 +4,18 @@ import pytest
 import torch
 
 import locatvit_hf  # noqa: F401  (registers the Auto classes)
-from locatvit_hf import LocAtViTConfig
+from locatvit_hf import (
+    LocAtViTBackbone,
+    LocAtViTConfig,
+    LocAtViTForImageClassification,
+    LocAtViTForSemanticSegmentation,
+    LocAtViTModel,
+)
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 PARITY_DIR = SHARED / "parity"
 SAMPLES_DIR = SHARED / "samples"
+ALL_CLASSES = [LocAtViTModel, LocAtViTForImageClassification, LocAtViTForSemanticSegmentation, LocAtViTBackbone]
 
 
 def tiny_config(**overrides) -> LocAtViTConfig:

@@ -23,9 +23,7 @@ from locatvit_hf import (
     LocAtViTModel,
 )
 
-from .conftest import tiny_config
-
-ALL_CLASSES = [LocAtViTModel, LocAtViTForImageClassification, LocAtViTForSemanticSegmentation, LocAtViTBackbone]
+from .conftest import ALL_CLASSES, tiny_config
 
 
 def pixels(batch=2, height=32, width=32):

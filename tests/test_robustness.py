@@ -16,7 +16,6 @@ from safetensors.torch import save_file
 
 import locatvit_hf
 from locatvit_hf import (
-    LocAtViTBackbone,
     LocAtViTConfig,
     LocAtViTForImageClassification,
     LocAtViTForSemanticSegmentation,
@@ -24,10 +23,8 @@ from locatvit_hf import (
 )
 from locatvit_hf.modeling_locatvit import LocAtViTGaussianBias
 
-from .conftest import tiny_config
+from .conftest import ALL_CLASSES, tiny_config
 from .test_convert import timm_state_dict
-
-ALL_CLASSES = [LocAtViTModel, LocAtViTForImageClassification, LocAtViTForSemanticSegmentation, LocAtViTBackbone]
 
 
 @pytest.fixture(scope="module")
