@@ -136,7 +136,7 @@ def rss_bytes() -> int:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def memory_child(kind: str, gradient_checkpointing: bool, case: tuple = MEMORY_CASES[0]) -> int:
+def memory_child(kind: str, gradient_checkpointing: bool, case: tuple) -> int:
     """Extra memory of one training step of `kind`, measured in this (fresh) process."""
     size, pixels, batch, attention = case
     model = build(kind, size, gradient_checkpointing, attention)
@@ -172,7 +172,7 @@ def memory_child(kind: str, gradient_checkpointing: bool, case: tuple = MEMORY_C
     return max(peak, rss_bytes()) - before
 
 
-def memory_ratio(gradient_checkpointing: bool, runs: int, case: tuple = MEMORY_CASES[0]) -> dict:
+def memory_ratio(gradient_checkpointing: bool, runs: int, case: tuple) -> dict:
     """Median over `runs` fresh subprocesses per model: on CPU the peak RSS of one step varies by tens of MB with
     where the allocator happens to place and release large blocks."""
     result = {}
@@ -197,7 +197,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny cases only, 3 repeats (a smoke run)")
     parser.add_argument("--high-res", action="store_true", help="add 1024 px training (and flex attention on CUDA)")
     parser.add_argument("--memory-child", choices=["locatvit", "vit"], help=argparse.SUPPRESS)
-    parser.add_argument("--case", default="tiny,512,4,sdpa", help=argparse.SUPPRESS)
+    parser.add_argument("--case", default=",".join(map(str, MEMORY_CASES[0])), help=argparse.SUPPRESS)
     parser.add_argument("--gradient-checkpointing", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.manual_seed(0)

@@ -44,9 +44,14 @@ def flushed_exp(exponent: torch.Tensor) -> torch.Tensor:
     exp takes a slow path for very negative arguments (and -inf), ten to a hundred times slower."""
     if torch.compiler.is_compiling():  # the compiler fuses the three steps itself
         return F.threshold(exponent.clamp(min=FLUSH_CLAMP).exp(), PROFILE_FLOOR, 0.0)
-    if not exponent.requires_grad:
-        return F.threshold_(exponent.clamp_(min=FLUSH_CLAMP).exp_(), PROFILE_FLOOR, 0.0)
-    return FlushedExp.apply(exponent)
+    if exponent.requires_grad:
+        return FlushedExp.apply(exponent)
+    return flush_exp_(exponent.clamp_(min=FLUSH_CLAMP))
+
+
+def flush_exp_(clamped: torch.Tensor) -> torch.Tensor:
+    """In place: exp of an exponent clamped at `FLUSH_CLAMP`, with the values not above `PROFILE_FLOOR` set to 0."""
+    return F.threshold_(clamped.exp_(), PROFILE_FLOOR, 0.0)
 
 
 class FlushedExp(torch.autograd.Function):
@@ -55,7 +60,7 @@ class FlushedExp(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, exponent: torch.Tensor) -> torch.Tensor:
-        output = F.threshold_(exponent.clamp(min=FLUSH_CLAMP).exp_(), PROFILE_FLOOR, 0.0)
+        output = flush_exp_(exponent.clamp(min=FLUSH_CLAMP))
         ctx.save_for_backward(output)
         return output
 
@@ -504,7 +509,7 @@ class SeparableBiasAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query, key, value, row, col, scale: float, num_prefix: int, workspace: "BiasWorkspace"):
         batch, heads, seq_len, dim = query.shape
-        ctx.scale, ctx.num_prefix = scale, num_prefix
+        ctx.scale, ctx.num_prefix, ctx.workspace = scale, num_prefix, workspace
         ctx.keeps_probabilities = seq_len <= KEPT_PROBABILITY_TOKENS_PER_HEAD_DIM * dim
         if ctx.keeps_probabilities:
             slices = batch * heads
@@ -512,7 +517,6 @@ class SeparableBiasAttention(torch.autograd.Function):
             scores = zero_prefix(workspace.get("scores", (slices, seq_len, seq_len), q.dtype, q.device), num_prefix)
             write_separable_bias(scores, row.flatten(0, 1), col.flatten(0, 1), num_prefix)
             probabilities = scores.baddbmm_(q, k.transpose(1, 2), alpha=scale).softmax(dim=-1)
-            ctx.workspace = workspace
             output = torch.bmm(probabilities, v)
             ctx.save_for_backward(q, k, v, row, col, output, probabilities)
             return output.view(batch, heads, seq_len, dim)
@@ -528,7 +532,6 @@ class SeparableBiasAttention(torch.autograd.Function):
                 query[chunk], key[chunk], value[chunk], 0.0, False, attn_mask=bias, scale=scale
             )
         ctx.save_for_backward(query, key, value, row, col, output, logsumexp)
-        ctx.workspace = workspace
         return output
 
     @staticmethod
