@@ -335,8 +335,8 @@ def test_bias_buffer_layout():
 
 
 def test_inference_reuses_one_bias_buffer():
-    """Without a gradient all layers and calls write their bias into the encoder's one buffer (no allocation, and no
-    page faults, per layer), and results do not depend on what the buffer held before."""
+    """Without a gradient all layers and calls write their bias (and their profiles) into the encoder's one buffer
+    each (no allocation, and no page faults, per layer), and results do not depend on what the buffers held before."""
     from locatvit_hf import LocAtViTModel
 
     torch.manual_seed(0)
@@ -348,7 +348,8 @@ def test_inference_reuses_one_bias_buffer():
         pointers = {key: buffer.data_ptr() for key, buffer in workspace._buffers.items()}
         model(torch.randn(2, 3, 32, 32))
         again = model(x).last_hidden_state
-    assert len(pointers) == 1 and {k: b.data_ptr() for k, b in workspace._buffers.items()} == pointers
+    assert sorted(purpose for _, purpose in pointers) == ["bias", "profiles"]
+    assert {k: b.data_ptr() for k, b in workspace._buffers.items()} == pointers
     torch.testing.assert_close(again, first, rtol=0, atol=0)
 
 
