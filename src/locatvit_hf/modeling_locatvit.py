@@ -335,8 +335,12 @@ class LocAtViTGaussianBias(nn.Module):
             exponent = torch.mul(distances.to(inverse.dtype), inverse.unsqueeze(-2), out=out)  # (..., 2, S, Q)
             # alpha below PROFILE_FLOOR only ever gives flushed entries; the clamp keeps log(alpha) finite.
             exponent.select(-3, 0).add_(torch.log(strength.transpose(-1, -2).clamp(min=PROFILE_FLOOR)))
-            profile = flushed_exp(exponent)
-        return profile[..., 0, :height, :].transpose(-1, -2), profile[..., 1, :width, :].transpose(-1, -2).contiguous()
+            row, col = flushed_exp(exponent).unbind(-3)  # one backward node, not two zero-filled slices
+        if row.shape[-2] != height:  # a non-square grid: drop the table's padding
+            row = row[..., :height, :]
+        if col.shape[-2] != width:
+            col = col[..., :width, :]
+        return row.transpose(-1, -2), col.transpose(-1, -2).contiguous()
 
     def patch_profiles(self, query: torch.Tensor, grid_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Row (batch, heads, P, H) and column (batch, heads, P, W) profiles of every patch query: the bias of patch
@@ -616,8 +620,9 @@ def attention_backward_slices(
     torch.bmm(probabilities.transpose(1, 2), grad_o, out=grad_v)
     torch.bmm(grad_o, v.transpose(1, 2), out=grad_scores)
     grad_scores.sub_(delta).mul_(probabilities)  # dS = P * (dP - D): also the bias gradient
-    torch.bmm(grad_scores, k, out=grad_q).mul_(ctx.scale)
-    torch.bmm(grad_scores.transpose(1, 2), q, out=grad_k).mul_(ctx.scale)
+    # beta=0: the outputs' old contents are ignored; the scale rides on the matmul (alpha)
+    torch.baddbmm(grad_q, grad_scores, k, beta=0.0, alpha=ctx.scale, out=grad_q)
+    torch.baddbmm(grad_k, grad_scores.transpose(1, 2), q, beta=0.0, alpha=ctx.scale, out=grad_k)
     prefix = ctx.num_prefix
     reduce_bias_gradient(grad_scores[:, prefix:, prefix:], rows, cols, grad_rows, grad_cols)
 
