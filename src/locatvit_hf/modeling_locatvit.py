@@ -326,8 +326,8 @@ class LocAtViTGaussianBias(nn.Module):
 
         Both come from one exponential of one broadcast product, with alpha moved into the row's exponent as
         log(alpha), computed queries last (`query_distance_tables`); `out`, if given, holds that (..., 2, S, Q)
-        product (no gradient). The row profiles are a view of it, the column profiles a contiguous copy (the bias
-        write reads them along the grid's columns).
+        product (no gradient). The column profiles are a contiguous copy (the bias write reads them along the grid's
+        columns), the row profiles too when they need a gradient, else a view.
         """
         height, width = grid_size
         with torch.autocast(device_type=variance.device.type, enabled=False):
@@ -340,7 +340,10 @@ class LocAtViTGaussianBias(nn.Module):
             row = row[..., :height, :]
         if col.shape[-2] != width:
             col = col[..., :width, :]
-        return row.transpose(-1, -2), col.transpose(-1, -2).contiguous()
+        row, col = row.transpose(-1, -2), col.transpose(-1, -2).contiguous()
+        # Training reduces the bias gradient with batched products over the profiles' rows, which need them
+        # contiguous; inference reads the row profiles as they are (a copy would cost more than it saves).
+        return (row.contiguous() if row.requires_grad else row), col
 
     def patch_profiles(self, query: torch.Tensor, grid_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Row (batch, heads, P, H) and column (batch, heads, P, W) profiles of every patch query: the bias of patch
