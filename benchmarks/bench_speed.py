@@ -25,6 +25,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 import torch
 from transformers import ViTConfig, ViTForImageClassification
@@ -136,8 +137,34 @@ def rss_bytes() -> int:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def memory_child(kind: str, gradient_checkpointing: bool, case: tuple) -> int:
-    """Extra memory of one training step of `kind`, measured in this (fresh) process."""
+class MallocInfo(ctypes.Structure):
+    """glibc's `struct mallinfo2`."""
+
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()
+    ]
+
+
+def malloc_in_use() -> Callable[[], int] | None:
+    """A function giving the bytes glibc's malloc has handed out and not taken back (heap chunks in use plus mapped
+    blocks): the CPU counterpart of `torch.cuda.memory_allocated`. None where glibc (>= 2.33) is not the allocator."""
+    try:
+        mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return None
+    mallinfo2.restype = MallocInfo
+
+    def in_use() -> int:
+        info = mallinfo2()
+        return info.uordblks + info.hblkhd
+
+    return in_use
+
+
+def memory_child(kind: str, gradient_checkpointing: bool, case: tuple) -> dict:
+    """Extra memory of one training step of `kind`, measured in this (fresh) process: `peak` (on CPU the resident
+    set, on CUDA the allocation) and, on CPU with glibc, `allocated` (malloc's bytes in use)."""
     size, pixels, batch, attention = case
     model = build(kind, size, gradient_checkpointing, attention)
     with torch.no_grad():  # loads the kernels, so that their one-off allocations are not counted
@@ -149,19 +176,21 @@ def memory_child(kind: str, gradient_checkpointing: bool, case: tuple) -> int:
         torch.cuda.reset_peak_memory_stats()
         step()
         torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - before
+        return {"peak": torch.cuda.max_memory_allocated() - before}
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except OSError:
         pass
-    before = rss_bytes()
-    peak = before
+    in_use = malloc_in_use()
+    before = rss_bytes(), in_use() if in_use else 0
+    peak = list(before)
     done = threading.Event()
 
     def sample():
-        nonlocal peak
         while not done.is_set():
-            peak = max(peak, rss_bytes())
+            peak[0] = max(peak[0], rss_bytes())
+            if in_use:
+                peak[1] = max(peak[1], in_use())
             time.sleep(0.0005)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -169,24 +198,33 @@ def memory_child(kind: str, gradient_checkpointing: bool, case: tuple) -> int:
     step()
     done.set()
     sampler.join()
-    return max(peak, rss_bytes()) - before
+    result = {"peak": max(peak[0], rss_bytes()) - before[0]}
+    if in_use:
+        result["allocated"] = peak[1] - before[1]
+    return result
 
 
 def memory_ratio(gradient_checkpointing: bool, runs: int, case: tuple) -> dict:
     """Median over `runs` fresh subprocesses per model: on CPU the peak RSS of one step varies by tens of MB with
-    where the allocator happens to place and release large blocks."""
+    where the allocator happens to place and release large blocks (glibc's heap holds several times the bytes in
+    use at the peak), which is why the bytes malloc has handed out are reported too (`allocated`: the same in every
+    run)."""
     result = {}
     for kind in ("locatvit", "vit"):
         size, pixels, batch, attention = case
         command = [sys.executable, __file__, "--memory-child", kind, "--case", f"{size},{pixels},{batch},{attention}"]
         if gradient_checkpointing:
             command.append("--gradient-checkpointing")
-        peaks = []
+        runs_measured = []
         for _ in range(runs):
             output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-            peaks.append(int(output.strip().splitlines()[-1]))
-        result[f"{kind}_mb"] = statistics.median(peaks) / 2**20
+            runs_measured.append(json.loads(output.strip().splitlines()[-1]))
+        for measure, suffix in (("peak", "_mb"), ("allocated", "_allocated_mb")):
+            if measure in runs_measured[0]:
+                result[kind + suffix] = statistics.median(run[measure] for run in runs_measured) / 2**20
     result["ratio"] = result["locatvit_mb"] / result["vit_mb"]
+    if "locatvit_allocated_mb" in result:
+        result["allocated_ratio"] = result["locatvit_allocated_mb"] / result["vit_allocated_mb"]
     return result
 
 
@@ -203,7 +241,8 @@ def main() -> None:
     torch.manual_seed(0)
     if args.memory_child:
         size, pixels, batch, attention = args.case.split(",")
-        print(memory_child(args.memory_child, args.gradient_checkpointing, (size, int(pixels), int(batch), attention)))
+        case = (size, int(pixels), int(batch), attention)
+        print(json.dumps(memory_child(args.memory_child, args.gradient_checkpointing, case)))
         return
 
     cases = [case for case in CASES if not args.quick or case[1] == "tiny"]
@@ -237,6 +276,11 @@ def main() -> None:
             label += ", ckpt" if checkpointing else ""
             rows.append({"measure": label, **result})
             print(f"{label:<34} {result['locatvit_mb']:>8.0f}MB {result['vit_mb']:>8.0f}MB {result['ratio']:>6.2f}x")
+            if "allocated_ratio" in result:
+                print(
+                    f"{'  malloc in use (same step)':<34} {result['locatvit_allocated_mb']:>8.0f}MB "
+                    f"{result['vit_allocated_mb']:>8.0f}MB {result['allocated_ratio']:>6.2f}x"
+                )
     with open(args.json, "w") as file:
         json.dump({"machine": machine, "torch": torch.__version__, "results": rows}, file, indent=2)
     print(f"wrote {args.json}")
