@@ -353,19 +353,29 @@ def test_inference_reuses_one_bias_buffer():
     torch.testing.assert_close(again, first, rtol=0, atol=0)
 
 
-def test_flushed_exp_gradient():
-    """The flushed exponential's hand-written backward equals numerical gradients, and autograd through the
-    clamp, exp and threshold it replaces, including at flushed entries (gradient 0)."""
-    from locatvit_hf.modeling_locatvit import PROFILE_FLOOR, FlushedExp
+@pytest.mark.parametrize("grid", [(3, 3), (2, 4)])
+def test_flushed_profiles_gradient(grid):
+    """The profiles' hand-written backward (flushed exponential, query-major copies) equals numerical gradients,
+    and autograd through the clamp, exp, threshold, slices and transposes it replaces, including at flushed entries
+    (gradient 0) and on a non-square grid (whose distance table is padded)."""
+    from locatvit_hf.modeling_locatvit import PROFILE_FLOOR, FlushedProfiles
 
-    exponent = torch.linspace(-8, 2, 23, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(FlushedExp.apply, (exponent,))
-    exponent = torch.tensor([-200.0, -50.0, -43.5, -42.0, -3.0, 0.0, 1.5], requires_grad=True)
-    output = FlushedExp.apply(exponent)
-    (grad,) = torch.autograd.grad(output, exponent, torch.ones_like(output))
-    reference = exponent.clamp(min=math.log(PROFILE_FLOOR) - 1).exp()
-    reference = torch.nn.functional.threshold(reference, PROFILE_FLOOR, 0.0)
-    (expected,) = torch.autograd.grad(reference, exponent, torch.ones_like(reference))
-    torch.testing.assert_close(output, reference.detach())
+    height, width = grid
+    side, queries = max(grid), height * width
+    torch.manual_seed(0)
+    exponent = (torch.rand(2, 2, side, queries, dtype=torch.float64) * 10 - 8).requires_grad_()
+    assert torch.autograd.gradcheck(FlushedProfiles.apply, (exponent, height, width))
+    exponent = torch.rand(2, 2, side, queries) * 10 - 8
+    exponent[0, 0, 0, :3] = torch.tensor([-200.0, -50.0, -43.5])  # flushed: below PROFILE_FLOOR
+    exponent.requires_grad_()
+    row, col = FlushedProfiles.apply(exponent, height, width)
+    weights = torch.randn_like(row), torch.randn_like(col)
+    (grad,) = torch.autograd.grad((row, col), exponent, weights)
+    profile = torch.nn.functional.threshold(exponent.clamp(min=math.log(PROFILE_FLOOR) - 1).exp(), PROFILE_FLOOR, 0.0)
+    reference = profile[:, 0, :height].transpose(-1, -2), profile[:, 1, :width].transpose(-1, -2)
+    (expected,) = torch.autograd.grad(reference, exponent, weights)
+    torch.testing.assert_close(row, reference[0].detach(), rtol=0, atol=0)
+    torch.testing.assert_close(col, reference[1].detach(), rtol=0, atol=0)
+    assert row.is_contiguous() and col.is_contiguous()
     torch.testing.assert_close(grad, expected)
-    assert output[:3].eq(0).all() and grad[:3].eq(0).all()
+    assert row[0, :3, 0].eq(0).all() and grad[0, 0, 0, :3].eq(0).all()

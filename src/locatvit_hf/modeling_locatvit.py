@@ -40,12 +40,11 @@ FLUSH_CLAMP = math.log(PROFILE_FLOOR) - 1.0  # exp of it is below the floor, so 
 
 
 def flushed_exp(exponent: torch.Tensor) -> torch.Tensor:
-    """exp(exponent), set to 0 wherever it would not exceed `PROFILE_FLOOR`. The exponent is clamped first: on CPU,
-    exp takes a slow path for very negative arguments (and -inf), ten to a hundred times slower."""
-    if torch.compiler.is_compiling():  # the compiler fuses the three steps itself
+    """exp(exponent), set to 0 wherever it would not exceed `PROFILE_FLOOR`; in place outside compilation and
+    autograd. The exponent is clamped first: on CPU, exp takes a slow path for very negative arguments (and -inf),
+    ten to a hundred times slower. (With a gradient, `FlushedProfiles` does this.)"""
+    if torch.compiler.is_compiling() or exponent.requires_grad:  # the compiler fuses the three steps itself
         return F.threshold(exponent.clamp(min=FLUSH_CLAMP).exp(), PROFILE_FLOOR, 0.0)
-    if exponent.requires_grad:
-        return FlushedExp.apply(exponent)
     return flush_exp_(exponent.clamp_(min=FLUSH_CLAMP))
 
 
@@ -54,21 +53,39 @@ def flush_exp_(clamped: torch.Tensor) -> torch.Tensor:
     return F.threshold_(clamped.exp_(), PROFILE_FLOOR, 0.0)
 
 
-class FlushedExp(torch.autograd.Function):
-    """`flushed_exp` keeping only its output for backward, whose gradient is grad * output (0 where flushed): one
-    saved tensor and one multiply, where autograd through clamp, exp and threshold keeps three and runs four ops."""
+class FlushedProfiles(torch.autograd.Function):
+    """Row and column profiles from their (..., 2, S, Q) exponent (`LocAtViTGaussianBias.profiles`) when a gradient
+    is recorded: `flushed_exp` of it, returned as contiguous query-major row (..., Q, H) and column (..., Q, W)
+    profiles, the layout the attention reads.
+
+    Only those two are kept for backward, whose gradient is grad * profile (0 where flushed), written straight into
+    the exponent's layout. Autograd through exp, unbind, transposes and copies would keep the exponential too and
+    run twice as many passes over it.
+    """
 
     @staticmethod
-    def forward(ctx, exponent: torch.Tensor) -> torch.Tensor:
-        output = flush_exp_(exponent.clamp(min=FLUSH_CLAMP))
-        ctx.save_for_backward(output)
-        return output
+    def forward(ctx, exponent: torch.Tensor, height: int, width: int):
+        profile = flush_exp_(exponent.clamp(min=FLUSH_CLAMP))
+        row = profile[..., 0, :height, :].transpose(-1, -2).contiguous()
+        col = profile[..., 1, :width, :].transpose(-1, -2).contiguous()
+        ctx.save_for_backward(row, col)
+        ctx.side = exponent.shape[-2]
+        return row, col
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_output: torch.Tensor) -> torch.Tensor:
-        (output,) = ctx.saved_tensors
-        return grad_output * output
+    def backward(ctx, grad_row: torch.Tensor | None, grad_col: torch.Tensor | None):
+        row, col = ctx.saved_tensors
+        shape = (*row.shape[:-2], 2, ctx.side, row.shape[-2])
+        padded = row.shape[-1] != ctx.side or col.shape[-1] != ctx.side  # a non-square grid's table padding: 0
+        grad = row.new_zeros(shape) if padded else row.new_empty(shape)
+        for index, (profile, grad_profile) in enumerate(((row, grad_row), (col, grad_col))):
+            target = grad[..., index, : profile.shape[-1], :].transpose(-1, -2)
+            if grad_profile is None:
+                target.zero_()
+            else:
+                torch.mul(grad_profile, profile, out=target)
+        return grad, None, None
 
 
 # The image-segmentation pipeline checks model types against this list, which the Auto registration does not extend.
@@ -327,7 +344,7 @@ class LocAtViTGaussianBias(nn.Module):
         Both come from one exponential of one broadcast product, with alpha moved into the row's exponent as
         log(alpha), computed queries last (`query_distance_tables`); `out`, if given, holds that (..., 2, S, Q)
         product (no gradient). The column profiles are a contiguous copy (the bias write reads them along the grid's
-        columns), the row profiles too when they need a gradient, else a view.
+        columns), the row profiles too when they need a gradient (`FlushedProfiles`), else a view.
         """
         height, width = grid_size
         with torch.autocast(device_type=variance.device.type, enabled=False):
@@ -335,15 +352,12 @@ class LocAtViTGaussianBias(nn.Module):
             exponent = torch.mul(distances.to(inverse.dtype), inverse.unsqueeze(-2), out=out)  # (..., 2, S, Q)
             # alpha below PROFILE_FLOOR only ever gives flushed entries; the clamp keeps log(alpha) finite.
             exponent.select(-3, 0).add_(torch.log(strength.transpose(-1, -2).clamp(min=PROFILE_FLOOR)))
-            row, col = flushed_exp(exponent).unbind(-3)  # one backward node, not two zero-filled slices
-        if row.shape[-2] != height:  # a non-square grid: drop the table's padding
-            row = row[..., :height, :]
-        if col.shape[-2] != width:
-            col = col[..., :width, :]
-        row, col = row.transpose(-1, -2), col.transpose(-1, -2).contiguous()
-        # Training reduces the bias gradient with batched products over the profiles' rows, which need them
-        # contiguous; inference reads the row profiles as they are (a copy would cost more than it saves).
-        return (row.contiguous() if row.requires_grad else row), col
+            if exponent.requires_grad and not torch.compiler.is_compiling():
+                return FlushedProfiles.apply(exponent, height, width)
+            row, col = flushed_exp(exponent).unbind(-3)
+        # Inference reads the row profiles as they are (a copy would cost more than it saves), the column profiles
+        # contiguous; a non-square grid drops the table's padding.
+        return row[..., :height, :].transpose(-1, -2), col[..., :width, :].transpose(-1, -2).contiguous()
 
     def patch_profiles(self, query: torch.Tensor, grid_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Row (batch, heads, P, H) and column (batch, heads, P, W) profiles of every patch query: the bias of patch
