@@ -379,3 +379,27 @@ def test_flushed_profiles_gradient(grid):
     assert row.is_contiguous() and col.is_contiguous()
     torch.testing.assert_close(grad, expected)
     assert row[0, :3, 0].eq(0).all() and grad[0, 0, 0, :3].eq(0).all()
+
+
+@pytest.mark.parametrize("limit", [1, 700, 2000])
+@pytest.mark.parametrize("pixels", [(32, 32), (32, 48)])
+def test_inference_in_query_blocks_matches_one_piece(monkeypatch, limit, pixels):
+    """Above `INFERENCE_BIAS_BYTES`, inference writes and attends the bias one block of queries at a time (bounded
+    memory at high resolution). The output equals the bias written in one piece, for blocks of one row, a few rows
+    and a last partial block, on square and non-square grids; the workspace then holds one block's rows."""
+    import locatvit_hf.modeling_locatvit as modeling
+    from locatvit_hf import LocAtViTModel
+
+    model = LocAtViTModel._from_config(tiny_config(num_hidden_layers=2), attn_implementation="sdpa").eval()
+    x = torch.randn(2, 3, *pixels)
+    with torch.no_grad():
+        expected = model(x, interpolate_pos_encoding=True).last_hidden_state
+        monkeypatch.setattr(modeling, "INFERENCE_BIAS_BYTES", limit)
+        blocked = model(x, interpolate_pos_encoding=True).last_hidden_state
+    torch.testing.assert_close(blocked, expected)
+    seq_len = 1 + (pixels[0] // 8) * (pixels[1] // 8)
+    rows = {
+        buffer.shape[-2] for (_, purpose), buffer in model.encoder.bias_workspace._buffers.items() if purpose == "bias"
+    }
+    blocks = -(-2 * 2 * seq_len * seq_len * 4 // limit)
+    assert rows == {1 + -(-seq_len // blocks)} and rows.pop() < seq_len
