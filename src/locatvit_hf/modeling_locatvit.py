@@ -40,10 +40,10 @@ FLUSH_CLAMP = math.log(PROFILE_FLOOR) - 1.0  # exp of it is below the floor, so 
 
 
 def flushed_exp(exponent: torch.Tensor) -> torch.Tensor:
-    """exp(exponent), set to 0 wherever it would not exceed `PROFILE_FLOOR`; in place outside compilation and
-    autograd. The exponent is clamped first: on CPU, exp takes a slow path for very negative arguments (and -inf),
-    ten to a hundred times slower. (With a gradient, `FlushedProfiles` does this.)"""
-    if torch.compiler.is_compiling() or exponent.requires_grad:  # the compiler fuses the three steps itself
+    """exp(exponent), set to 0 wherever it would not exceed `PROFILE_FLOOR`; in place outside compilation. The
+    exponent is clamped first: on CPU, exp takes a slow path for very negative arguments (and -inf), ten to a
+    hundred times slower. (With a gradient, `FlushedProfiles` does this.)"""
+    if torch.compiler.is_compiling():  # the compiler fuses the three steps itself
         return F.threshold(exponent.clamp(min=FLUSH_CLAMP).exp(), PROFILE_FLOOR, 0.0)
     return flush_exp_(exponent.clamp_(min=FLUSH_CLAMP))
 
@@ -301,6 +301,10 @@ class LocAtViTGaussianBias(nn.Module):
         # Set by the encoder: a buffer shared by its layers, reused when no gradient is recorded.
         self.workspace: BiasWorkspace | None = None
 
+    def uses_workspace(self) -> bool:
+        """Whether this call writes into the encoder's reused buffers: no gradient recorded, outside compilation."""
+        return self.workspace is not None and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+
     def query_distances(self, grid_size: tuple[int, int], device: torch.device) -> torch.Tensor:
         """-0.5 * squared distances from each patch query (row-major) to every grid row and column, clamped as in the
         original: a (2, max(H, W), P) table (`query_distance_tables`)."""
@@ -368,7 +372,7 @@ class LocAtViTGaussianBias(nn.Module):
         variance, strength = self.variance_and_strength(query, grid_size)
         distances = self.query_distances(grid_size, query.device)
         out = None
-        if self.workspace is not None and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        if self.uses_workspace():
             batch, heads, seq_len, _ = query.shape
             shape = (batch, heads, *distances.shape[:2], seq_len - NUM_PREFIX_TOKENS)
             out = self.workspace.get("profiles", shape, variance.dtype, query.device)
@@ -382,7 +386,7 @@ class LocAtViTGaussianBias(nn.Module):
         if torch.compiler.is_compiling():  # the compiler fuses the formula itself
             patch_bias = (row_profile.unsqueeze(-1) * col_profile.unsqueeze(-2)).flatten(-2).to(query.dtype)
             return F.pad(patch_bias, (NUM_PREFIX_TOKENS, 0, NUM_PREFIX_TOKENS, 0))
-        if self.workspace is not None and not torch.is_grad_enabled():
+        if self.uses_workspace():
             batch, heads, seq_len, _ = query.shape
             bias = self.workspace.get("bias", (batch, heads, seq_len, seq_len), query.dtype, query.device)
             return write_separable_bias(bias, row_profile, col_profile, NUM_PREFIX_TOKENS)
@@ -515,13 +519,19 @@ def reduce_bias_gradient(grad: torch.Tensor, row: torch.Tensor, col: torch.Tenso
 INFERENCE_BIAS_BYTES = 128 * 2**20
 
 
+def bias_bytes(query: torch.Tensor) -> int:
+    """Size of the (batch, heads, N, N) bias of `query` (batch, heads, N, head_dim), in its dtype."""
+    batch, heads, seq_len, _ = query.shape
+    return batch * heads * seq_len * seq_len * query.element_size()
+
+
 def attention_in_query_blocks(query, key, value, row, col, scale: float, workspace: "BiasWorkspace") -> torch.Tensor:
     """`sdpa` with the separable bias, without a gradient, for long sequences: the bias rows of a block of queries
     are written into one reused buffer and attended at once, so that the bias never takes much more than
     `INFERENCE_BIAS_BYTES`. Returns (batch, N, heads, dim), as the attention interface does."""
     batch, heads, seq_len, dim = query.shape
     prefix = NUM_PREFIX_TOKENS
-    blocks = -(-batch * heads * seq_len * seq_len * query.element_size() // INFERENCE_BIAS_BYTES)
+    blocks = -(-bias_bytes(query) // INFERENCE_BIAS_BYTES)
     block = max(prefix, -(-seq_len // blocks))  # equal blocks: a short last one would waste a kernel call
     # `prefix` rows more than a block: the first block's prefix (CLS) queries get the zero rows on top; later blocks
     # write below them, so that `write_separable_bias`, which skips the prefix rows, serves every block.
@@ -761,13 +771,10 @@ class LocAtViTAttention(nn.Module):
 
     def attends_in_query_blocks(self, query: torch.Tensor) -> bool:
         """`sdpa` without a gradient, with a bias above `INFERENCE_BIAS_BYTES`: `attention_in_query_blocks`."""
-        batch, heads, seq_len, _ = query.shape
         return (
             self.config._attn_implementation == "sdpa"
-            and not torch.is_grad_enabled()
-            and self.gaussian_bias.workspace is not None
-            and batch * heads * seq_len * seq_len * query.element_size() > INFERENCE_BIAS_BYTES
-            and not torch.compiler.is_compiling()
+            and self.gaussian_bias.uses_workspace()
+            and bias_bytes(query) > INFERENCE_BIAS_BYTES
         )
 
     def recomputes_bias_in_backward(self, query: torch.Tensor, dropout: float) -> bool:
