@@ -7,7 +7,7 @@ go through `interpolate_pos_encoding=True`, as when fine-tuning or segmenting at
 warm-up and the ratio of the medians is reported. Training memory is measured for each model in a fresh subprocess:
 peak RSS sampled during one training step minus the RSS just before it on CPU (`max_memory_allocated` minus the
 allocation before it on CUDA), so it counts activations, gradients and optimizer state, not the libraries; the
-median of five such subprocesses per model is reported. `--high-res` adds training at 1024 px, and on CUDA
+median of five such subprocesses per model is reported (one on CUDA, where it does not vary). `--high-res` adds training at 1024 px, and on CUDA
 LocAtViT with `attn_implementation="flex_attention"` (the Gaussian inside the kernel) at 512 and 1024 px.
 
 On CPU, glibc returns large freed blocks to the system, and every reuse then pays a page fault per 4 KB: a sizeable,
@@ -228,6 +228,12 @@ def memory_ratio(gradient_checkpointing: bool, runs: int, case: tuple) -> dict:
     return result
 
 
+def save(path: str, machine: str, rows: list) -> None:
+    """Written after every row, so that a run cut short keeps what it measured."""
+    with open(path, "w") as file:
+        json.dump({"machine": machine, "torch": torch.__version__, "results": rows}, file, indent=2)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=7)
@@ -265,24 +271,26 @@ def main() -> None:
         result = time_ratio(size, pixels, batch, mode, repeats, attention)
         label = f"{name}, {size}, {pixels} px, batch {batch}" + ("" if attention == "sdpa" else f", {attention}")
         rows.append({"measure": label, **result})
+        save(args.json, machine, rows)
         print(
             f"{label:<34} {result['locatvit_s'] * 1e3:>8.1f}ms {result['vit_s'] * 1e3:>8.1f}ms {result['ratio']:>6.2f}x"
         )
+    # CUDA's allocator statistics are the same in every run; on CPU the resident set varies (`memory_ratio`).
+    memory_runs = 1 if args.quick or DEVICE == "cuda" else 5
     for case in memory_cases:
         size, pixels, batch, attention = case
         for checkpointing in (True, False):
-            result = memory_ratio(checkpointing, 1 if args.quick else 5, case)
+            result = memory_ratio(checkpointing, memory_runs, case)
             label = f"train memory, {size}, {pixels} px, b{batch}" + ("" if attention == "sdpa" else f", {attention}")
             label += ", ckpt" if checkpointing else ""
             rows.append({"measure": label, **result})
+            save(args.json, machine, rows)
             print(f"{label:<34} {result['locatvit_mb']:>8.0f}MB {result['vit_mb']:>8.0f}MB {result['ratio']:>6.2f}x")
             if "allocated_ratio" in result:
                 print(
                     f"{'  malloc in use (same step)':<34} {result['locatvit_allocated_mb']:>8.0f}MB "
                     f"{result['vit_allocated_mb']:>8.0f}MB {result['allocated_ratio']:>6.2f}x"
                 )
-    with open(args.json, "w") as file:
-        json.dump({"machine": machine, "torch": torch.__version__, "results": rows}, file, indent=2)
     print(f"wrote {args.json}")
 
 

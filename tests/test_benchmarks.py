@@ -33,3 +33,17 @@ def test_bench_speed_quick_run_writes_all_measures(tmp_path):
             assert row["allocated_ratio"] == row["locatvit_allocated_mb"] / row["vit_allocated_mb"]
     assert "threads" in results["machine"] and results["torch"] == __import__("torch").__version__
     assert "ratio" in completed.stdout
+
+
+def test_accelerator_checks_pass_on_cpu(tmp_path):
+    """The accelerator check script (run on a lent GPU for the CUDA paths) compares every path that runs here with
+    the float64 reference: all within tolerance, and each training check compared gradients."""
+    output = tmp_path / "checks.json"
+    command = [sys.executable, str(ROOT / "benchmarks" / "check_accelerator.py"), "--json", str(output)]
+    completed = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-2000:]
+    checks = json.loads(output.read_text())["checks"]
+    assert len(checks) == 15  # 3 grids x (inference: eager, sdpa, flex; training: eager, sdpa)
+    for check in checks:
+        assert check["passed"] and check["logits"] <= 1e-4, check
+        assert (", train," in check["check"]) == ("gradients" in check), check

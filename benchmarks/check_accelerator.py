@@ -1,0 +1,168 @@
+"""Every attention path on the accelerator against a float64 CPU reference: outputs and all parameter gradients.
+
+    python benchmarks/check_accelerator.py [--json benchmarks/accelerator_checks.json]
+
+CI has no GPU, so the CUDA paths (the bias mask written for sdpa and its gradient through CUDA's fused kernels, the
+memory-efficient kernel reading the padded bias in place, flex attention's in-kernel Gaussian and the gradients
+of its captured per-query tensors) are checked here, on a lent GPU. The reference is the eager path in float64 on
+CPU with the same weights; each check reports ||out - ref|| / ||ref|| for the logits and the largest such error
+over the parameter gradients. Float32 without TF32: within 1e-4; bf16 autocast: logits within 3e-2, gradients
+within twice the eager path's error under the same autocast (at least 3e-2). Runs on CPU too (sdpa and eager only, and flex in inference: CPU flex attention has no backward).
+Exits non-zero when a check fails.
+"""
+
+import argparse
+import contextlib
+import copy
+import json
+import sys
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from locatvit_hf import LocAtViTConfig, LocAtViTForImageClassification
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+FLOAT32_TOLERANCE = 1e-4
+BF16_TOLERANCE = 3e-2
+
+
+def config_for(image_size: int) -> LocAtViTConfig:
+    """ViT-Tiny's width and heads (head_dim 64, as flex attention's kernels expect), two layers."""
+    return LocAtViTConfig.from_preset("tiny", num_hidden_layers=2, image_size=image_size, num_labels=10)
+
+
+def randomized(model):
+    """Trained-like Gaussians: variances and strengths far from their initial 1 and ln 2."""
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for layer in model.locatvit.encoder.layers:
+            bias = layer.attention.gaussian_bias
+            bias.variance_proj.bias.copy_(torch.empty(2).uniform_(-3, 3, generator=generator))
+            bias.strength_proj.bias.copy_(torch.empty(1).uniform_(0, 3, generator=generator))
+    return model
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
+    if not torch.isfinite(actual).all():
+        return float("nan")
+    return ((actual - expected).norm() / expected.norm().clamp(min=1e-30)).item()
+
+
+def run(model, pixels, labels, training: bool):
+    """Logits and (in training) the parameter gradients of one forward (+ backward)."""
+    model.train(training)
+    model.zero_grad(set_to_none=True)
+    with torch.set_grad_enabled(training):
+        output = model(pixels, labels=labels, interpolate_pos_encoding=True)
+    if not training:
+        return output.logits, {}
+    output.loss.backward()
+    return output.logits, {
+        name: p.grad for name, p in model.named_parameters() if p.grad is not None and not is_key_bias(name)
+    }
+
+
+def is_key_bias(name: str) -> bool:
+    """The key projection's bias adds q . b_k to all logits of a query alike, which softmax ignores: its gradient is
+    zero up to rounding, and a relative error of rounding noise says nothing."""
+    return name.endswith("k_proj.bias")
+
+
+def check(name, reference, model, pixels, labels, training, tolerance, context=contextlib.nullcontext):
+    expected_logits, expected_grads = reference
+    with context():
+        logits, grads = run(model, pixels.to(DEVICE), labels.to(DEVICE), training)
+    errors = {"logits": relative_error(logits, expected_logits)}
+    if training:
+        missing = sorted(set(expected_grads) - set(grads))
+        if missing:
+            raise AssertionError(f"{name}: no gradient for {missing}")
+        worst = max(expected_grads, key=lambda n: relative_error(grads[n], expected_grads[n]))
+        errors["gradients"] = relative_error(grads[worst], expected_grads[worst])
+        errors["worst parameter"] = worst
+    passed = all(v <= tolerance for k, v in errors.items() if k != "worst parameter")  # NaN fails
+    return {"check": name, "passed": passed, "tolerance": tolerance, **errors}
+
+
+def bf16_autocast():
+    return torch.autocast(DEVICE, dtype=torch.bfloat16)
+
+
+def efficient_kernel_only():
+    return sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION])
+
+
+def save(path: str, results: list) -> None:
+    """Written after every check, so that a run cut short keeps what it found."""
+    device = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"
+    with open(path, "w") as file:
+        json.dump({"device": device, "torch": torch.__version__, "checks": results}, file, indent=2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", default="benchmarks/accelerator_checks.json")
+    args = parser.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    # (what, configured image size, input height, width): a square grid at the configured size, a non-square one at
+    # another size (variance rescaling, distance clamp), and the pooled-query training shortcut (initial grid 32).
+    cases = [("14x14", 224, 224, 224), ("12x9", 224, 192, 144), ("pooled 12x10", 512, 192, 160)]
+    results = []
+    for case, image_size, height, width in cases:
+        torch.manual_seed(0)
+        base = randomized(LocAtViTForImageClassification._from_config(config_for(image_size)))
+        pixels, labels = torch.randn(2, 3, height, width), torch.randint(0, 10, (2,))
+        reference_model = copy.deepcopy(base).double()
+        reference_model.set_attn_implementation("eager")
+        for training in (False, True):
+            reference = run(reference_model, pixels.double(), labels, training)
+            mode = "train" if training else "infer"
+            paths = [("eager", "eager", contextlib.nullcontext), ("sdpa", "sdpa", contextlib.nullcontext)]
+            if DEVICE == "cuda":
+                paths.append(("sdpa, efficient kernel only", "sdpa", efficient_kernel_only))
+            if DEVICE == "cuda" or not training:
+                paths.append(("flex_attention", "flex_attention", contextlib.nullcontext))
+            for label, implementation, context in paths:
+                model = copy.deepcopy(base).to(DEVICE)
+                model.set_attn_implementation(implementation)
+                name = f"{case}, {mode}, {label}"
+                try:
+                    result = check(name, reference, model, pixels, labels, training, FLOAT32_TOLERANCE, context)
+                except Exception as error:  # a path that fails to run is a failed check, with the reason
+                    result = {"check": name, "passed": False, "error": f"{type(error).__name__}: {error}"[:400]}
+                results.append(result)
+                save(args.json, results)
+                print(json.dumps(result), flush=True)
+            if DEVICE == "cuda" and training:
+                # bf16 rounds the (N x N) sums behind the Gaussian's parameter gradients: the eager path (the formula
+                # written out, under the same autocast) sets the bar, with a floor of BF16_TOLERANCE.
+                tolerance = BF16_TOLERANCE
+                for implementation in ("eager", "sdpa", "flex_attention"):
+                    model = copy.deepcopy(base).to(DEVICE)
+                    model.set_attn_implementation(implementation)
+                    name = f"{case}, {mode}, {implementation}, bf16 autocast"
+                    try:
+                        result = check(name, reference, model, pixels, labels, True, tolerance, bf16_autocast)
+                    except Exception as error:
+                        result = {"check": name, "passed": False, "error": f"{type(error).__name__}: {error}"[:400]}
+                    if implementation == "eager" and "gradients" in result:
+                        tolerance = max(BF16_TOLERANCE, 2 * result["gradients"])
+                        result["passed"] = result["logits"] <= BF16_TOLERANCE  # the bar itself
+                    results.append(result)
+                    save(args.json, results)
+                    print(json.dumps(result), flush=True)
+    device = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"
+    print(f"\n{'check':<52} {'logits':>9} {'grads':>9}  result ({device}, torch {torch.__version__})")
+    for result in results:
+        logits = f"{result['logits']:.1e}" if "logits" in result else "-"
+        grads = f"{result['gradients']:.1e}" if "gradients" in result else "-"
+        verdict = "ok" if result["passed"] else "FAIL " + result.get("error", "")[:80]
+        print(f"{result['check']:<52} {logits:>9} {grads:>9}  {verdict}")
+    sys.exit(0 if all(result["passed"] for result in results) else 1)
+
+
+if __name__ == "__main__":
+    main()
