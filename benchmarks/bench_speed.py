@@ -1,6 +1,6 @@
 """LocAtViT against transformers' ViT of the same size: time and memory ratios measured in one run.
 
-    python benchmarks/bench_speed.py [--repeats 7] [--json benchmarks/results.json] [--quick] [--high-res]
+    python benchmarks/bench_speed.py [--repeats 7] [--json benchmarks/results.json] [--quick] [--high-res] [--only REGEX]
 
 Both models use `sdpa`, the same hidden size, depth, heads, patch and configured image size (224); other resolutions
 go through `interpolate_pos_encoding=True`, as when fine-tuning or segmenting at 512 px. Runs are interleaved after a
@@ -20,6 +20,7 @@ import ctypes
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -240,6 +241,7 @@ def main() -> None:
     parser.add_argument("--json", default="benchmarks/results.json")
     parser.add_argument("--quick", action="store_true", help="tiny cases only, 3 repeats (a smoke run)")
     parser.add_argument("--high-res", action="store_true", help="add 1024 px training (and flex attention on CUDA)")
+    parser.add_argument("--only", help="measure only the rows whose label matches this regular expression")
     parser.add_argument("--memory-child", choices=["locatvit", "vit"], help=argparse.SUPPRESS)
     parser.add_argument("--case", default=",".join(map(str, MEMORY_CASES[0])), help=argparse.SUPPRESS)
     parser.add_argument("--gradient-checkpointing", action="store_true", help=argparse.SUPPRESS)
@@ -268,8 +270,10 @@ def main() -> None:
     print(f"LocAtViT / ViT (transformers), sdpa, torch {torch.__version__}, {machine}")
     print(f"{'measure':<34} {'LocAtViT':>10} {'ViT':>10} {'ratio':>7}")
     for name, size, pixels, batch, mode, attention in cases:
-        result = time_ratio(size, pixels, batch, mode, repeats, attention)
         label = f"{name}, {size}, {pixels} px, batch {batch}" + ("" if attention == "sdpa" else f", {attention}")
+        if args.only and not re.search(args.only, label):
+            continue
+        result = time_ratio(size, pixels, batch, mode, repeats, attention)
         rows.append({"measure": label, **result})
         save(args.json, machine, rows)
         print(
@@ -280,9 +284,11 @@ def main() -> None:
     for case in memory_cases:
         size, pixels, batch, attention = case
         for checkpointing in (True, False):
-            result = memory_ratio(checkpointing, memory_runs, case)
             label = f"train memory, {size}, {pixels} px, b{batch}" + ("" if attention == "sdpa" else f", {attention}")
             label += ", ckpt" if checkpointing else ""
+            if args.only and not re.search(args.only, label):
+                continue
+            result = memory_ratio(checkpointing, memory_runs, case)
             rows.append({"measure": label, **result})
             save(args.json, machine, rows)
             print(f"{label:<34} {result['locatvit_mb']:>8.0f}MB {result['vit_mb']:>8.0f}MB {result['ratio']:>6.2f}x")

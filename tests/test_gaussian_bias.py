@@ -7,7 +7,7 @@ import torch
 
 from locatvit_hf.modeling_locatvit import LocAtViTGaussianBias, SeparableBiasWriter
 
-from .conftest import tiny_config
+from .conftest import assert_gradients_close, tiny_config
 
 
 def formula_bias(module: LocAtViTGaussianBias, query: torch.Tensor, grid, initial_grid) -> torch.Tensor:
@@ -250,9 +250,7 @@ def test_training_gradients_equal_across_attention_paths(attention_path):
         loss.backward()
         losses.append(loss.detach())
     torch.testing.assert_close(losses[0], losses[1])
-    eager_grads = dict(eager.named_parameters())
-    for name, parameter in sdpa.named_parameters():
-        torch.testing.assert_close(parameter.grad, eager_grads[name].grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert_gradients_close(sdpa, eager)
 
 
 @pytest.mark.parametrize(
@@ -403,3 +401,31 @@ def test_inference_in_query_blocks_matches_one_piece(monkeypatch, limit, pixels)
     }
     blocks = -(-2 * 2 * seq_len * seq_len * 4 // limit)
     assert rows == {1 + -(-seq_len // blocks)} and rows.pop() < seq_len
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("slab_bytes", [2**19, 2**17])
+def test_cuda_training_attention_runs_its_kernel_calls_on_meta_tensors(monkeypatch, dtype, slab_bytes):
+    """`EfficientBiasAttention` calls CUDA's memory-efficient kernel directly (its numerics are checked on a GPU by
+    benchmarks/check_accelerator.py); on meta tensors its calls, chunking and padded log-sum-exp are exercised
+    here: outputs and gradients of the right shapes and dtypes, the profile gradients in float32."""
+    from locatvit_hf import modeling_locatvit as modeling
+
+    monkeypatch.setattr(modeling, "SLAB_BYTES", slab_bytes)
+    batch, heads, (height, width), dim = 3, 2, (16, 12), 64
+    seq_len = 1 + height * width
+    query, key, value = (
+        torch.empty(batch, seq_len, heads, dim, device="meta", dtype=dtype).transpose(1, 2).requires_grad_()
+        for _ in "qkv"
+    )
+    row = torch.empty(batch, heads, height * width, height, device="meta", requires_grad=True)
+    col = torch.empty(batch, heads, height * width, width, device="meta", requires_grad=True)
+    chunks = modeling.attention_chunks(batch, heads, seq_len, query.element_size())
+    # (heads, N, N) of one image: 298 KB in float32, 149 KB in bfloat16
+    expected_chunks = {(torch.float32, 2**19): 3, (torch.bfloat16, 2**19): 1}.get((dtype, slab_bytes), 6)
+    assert len(chunks) == expected_chunks
+    output = modeling.EfficientBiasAttention.apply(query, key, value, row, col, 0.125, 1, modeling.BiasWorkspace())
+    assert output.shape == (batch, heads, seq_len, dim) and output.dtype == dtype
+    grads = torch.autograd.grad(output.sum(), (query, key, value, row, col))
+    assert [g.shape for g in grads] == [t.shape for t in (query, key, value, row, col)]
+    assert [g.dtype for g in grads] == [dtype] * 3 + [torch.float32] * 2

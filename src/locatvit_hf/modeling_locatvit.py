@@ -669,6 +669,76 @@ class SeparableBiasAttention(torch.autograd.Function):
         return *grads, grad_row, grad_col, None, None, None
 
 
+class EfficientBiasAttention(torch.autograd.Function):
+    """softmax(q k^T * scale + B) v for a bias B given by its separable profiles, for training on CUDA.
+
+    `sdpa` with a mask that needs a gradient keeps every layer's (batch, heads, N, N) mask for the backward pass
+    (50 MB a layer for Tiny at 512 px, batch 4: twice a ViT's training memory) and returns the mask's whole
+    gradient. Here CUDA's memory-efficient kernel is called directly, in chunks of about `SLAB_BYTES`
+    (`attention_chunks`): the forward writes each chunk's bias into one reused buffer, the backward writes it
+    again from the profiles and reduces its gradient to the profiles at once. Only the profiles and the kernel's
+    log-sum-exp are kept, as for a plain ViT's attention.
+    """
+
+    @staticmethod
+    def forward(ctx, query, key, value, row, col, scale: float, num_prefix: int, workspace: "BiasWorkspace"):
+        batch, heads, seq_len, dim = query.shape
+        ctx.scale, ctx.num_prefix, ctx.workspace = scale, num_prefix, workspace
+        output = query.new_empty(batch, seq_len, heads, dim).transpose(1, 2)  # the layout the kernel writes
+        logsumexp = None
+        for chunk in attention_chunks(batch, heads, seq_len, query.element_size()):
+            bias = chunk_bias(workspace, chunk, row, col, num_prefix, query)
+            chunk_output, chunk_logsumexp, seed, offset = torch.ops.aten._scaled_dot_product_efficient_attention(
+                query[chunk], key[chunk], value[chunk], bias, True, scale=scale
+            )
+            if logsumexp is None:  # padded by the kernel to whole blocks of queries
+                logsumexp = chunk_logsumexp.new_empty(batch, heads, chunk_logsumexp.shape[-1])
+            output[chunk], logsumexp[chunk] = chunk_output, chunk_logsumexp
+        ctx.save_for_backward(query, key, value, row, col, output, logsumexp, seed, offset)
+        return output
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        query, key, value, row, col, output, logsumexp, seed, offset = ctx.saved_tensors
+        batch, heads, seq_len, dim = query.shape
+        prefix = ctx.num_prefix
+        grads = [query.new_empty(batch, seq_len, heads, dim).transpose(1, 2) for _ in range(3)]
+        grad_row = row.new_empty(row.shape) if ctx.needs_input_grad[3] else None
+        grad_col = col.new_empty(col.shape) if ctx.needs_input_grad[4] else None
+        needs_bias_grad = grad_row is not None or grad_col is not None
+        for chunk in attention_chunks(batch, heads, seq_len, query.element_size()):
+            bias = chunk_bias(ctx.workspace, chunk, row, col, prefix, query)
+            *chunk_grads, grad_bias = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
+                grad_output[chunk], query[chunk], key[chunk], value[chunk], bias, output[chunk], logsumexp[chunk],
+                seed, offset, 0.0, [True, True, True, needs_bias_grad], False, scale=ctx.scale,
+            )  # fmt: skip
+            for grad, chunk_grad in zip(grads, chunk_grads):
+                grad[chunk] = chunk_grad
+            if needs_bias_grad:
+                rows, cols = row[chunk].flatten(0, 1), col[chunk].flatten(0, 1)
+                chunk_grad_row = None if grad_row is None else torch.empty_like(rows)
+                chunk_grad_col = None if grad_col is None else torch.empty_like(cols)
+                patch_block = grad_bias[:, :, prefix:, prefix:].to(row.dtype).flatten(0, 1)
+                reduce_bias_gradient(patch_block, rows, cols, chunk_grad_row, chunk_grad_col)
+                if grad_row is not None:
+                    grad_row[chunk] = chunk_grad_row.view_as(grad_row[chunk])
+                if grad_col is not None:
+                    grad_col[chunk] = chunk_grad_col.view_as(grad_col[chunk])
+        return *grads, grad_row, grad_col, None, None, None
+
+
+def chunk_bias(workspace: "BiasWorkspace", chunk, row, col, num_prefix: int, query: torch.Tensor) -> torch.Tensor:
+    """The bias of one (batch, heads) chunk of `attention_chunks`, written into the workspace's reused buffer (sized
+    for the first, largest chunk)."""
+    items, group = (part.stop - part.start for part in chunk)
+    seq_len = query.shape[-2]
+    largest = attention_chunks(*query.shape[:2], seq_len, query.element_size())[0]
+    shape = (*(part.stop - part.start for part in largest), seq_len, seq_len)
+    bias = workspace.get("bias", shape, query.dtype, query.device)[:items, :group]
+    return write_separable_bias(bias, row[chunk], col[chunk], num_prefix)
+
+
 def attention_backward_slices(
     probabilities, grad_scores, q, k, v, grad_o, delta, ctx, grads, rows, cols, grad_rows, grad_cols
 ) -> None:
@@ -740,7 +810,8 @@ class LocAtViTAttention(nn.Module):
 
         if self.gaussian_bias is not None and self.recomputes_bias_in_backward(query, dropout):
             row, col = self.gaussian_bias.patch_profiles(query, grid_size)
-            attn_output = SeparableBiasAttention.apply(
+            attention = EfficientBiasAttention if query.device.type == "cuda" else SeparableBiasAttention
+            attn_output = attention.apply(
                 query, key, value, row, col, self.scaling, NUM_PREFIX_TOKENS, self.gaussian_bias.workspace
             )
             return self.o_proj(attn_output.transpose(1, 2).reshape(*input_shape, -1)), None
@@ -778,13 +849,21 @@ class LocAtViTAttention(nn.Module):
         )
 
     def recomputes_bias_in_backward(self, query: torch.Tensor, dropout: float) -> bool:
-        """Training with `sdpa` on CPU in float32: use `SeparableBiasAttention` (see there why)."""
+        """Training with `sdpa` on CPU in float32 (`SeparableBiasAttention`), or on CUDA where its memory-efficient
+        kernel is enabled and takes the head size (`EfficientBiasAttention`): see there why."""
+        if query.device.type == "cpu":
+            supported = query.dtype == torch.float32
+        else:
+            supported = (
+                query.device.type == "cuda"
+                and torch.backends.cuda.mem_efficient_sdp_enabled()
+                and query.shape[-1] % 8 == 0
+            )
         return (
-            self.config._attn_implementation == "sdpa"
+            supported
+            and self.config._attn_implementation == "sdpa"
             and torch.is_grad_enabled()
             and query.requires_grad
-            and query.device.type == "cpu"
-            and query.dtype == torch.float32
             and dropout == 0.0
             and self.gaussian_bias.workspace is not None
             and not torch.compiler.is_compiling()
