@@ -7,7 +7,7 @@ import torch
 
 from locatvit_hf import LocAtViTForSemanticSegmentation, LocAtViTModel
 
-from .conftest import tiny_config
+from .conftest import assert_gradients_close, tiny_config
 
 
 def pair(config, model_class=LocAtViTModel):
@@ -51,3 +51,71 @@ def test_flex_refuses_attention_dropout():
     model = LocAtViTModel._from_config(config, attn_implementation="flex_attention").train()
     with pytest.raises(ValueError, match="attention_probs_dropout_prob=0"):
         model(torch.randn(1, 3, 32, 32))
+
+
+@pytest.fixture
+def flex_with_backward_on_cpu(monkeypatch):
+    """CPU flex attention refuses a backward pass (its compiled kernel has none); its eager implementation, which
+    evaluates the same score modification densely, has one. Lets `FlexGaussianAttention` train on CPU."""
+    import torch.nn.attention.flex_attention as flex_module
+
+    from locatvit_hf import modeling_locatvit
+
+    monkeypatch.setattr(flex_module, "_validate_device", lambda *args: None)
+    monkeypatch.setattr(modeling_locatvit, "compiled_flex_attention", lambda: flex_module.flex_attention)
+    # The eager implementation traces itself; shapes seen by earlier tests would make that trace dynamic.
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize(
+    "image_size, height, width, checkpointing",
+    [(32, 40, 24, False), (32, 24, 40, True), (256, 88, 72, False)],  # the last: the pooled training shortcut
+)
+def test_flex_training_gradients_match_sdpa(
+    flex_with_backward_on_cpu, monkeypatch, image_size, height, width, checkpointing
+):
+    """`FlexGaussianAttention` (q, k, v through flex attention's backward, the Gaussian's statistics through the
+    weighted forward passes) gives the gradients of the sdpa path, for every parameter."""
+    from locatvit_hf.modeling_locatvit import FlexGaussianAttention
+
+    calls = []
+    apply = FlexGaussianAttention.apply
+    monkeypatch.setattr(FlexGaussianAttention, "apply", lambda *args: calls.append(1) or apply(*args))
+    config = tiny_config(image_size=image_size, num_hidden_layers=2)
+    sdpa, flex = pair(config, LocAtViTForSemanticSegmentation)
+    x = torch.randn(2, 3, height, width)
+    labels = torch.randint(0, 5, (2, height, width))
+    losses = []
+    for model in (sdpa, flex):
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        loss = model.train()(x, labels=labels, interpolate_pos_encoding=True).loss
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    assert_gradients_close(flex, sdpa)
+    assert len(calls) == (4 if checkpointing else 2)  # each layer (again when recomputed)
+
+
+def test_flex_statistic_gradients_gradcheck(flex_with_backward_on_cpu):
+    """`FlexGaussianAttention` against numerical gradients in float64, the statistics included."""
+    from locatvit_hf.modeling_locatvit import FlexGaussianAttention
+
+    torch.manual_seed(0)
+    batch, heads, height, width, dim = 1, 2, 3, 4, 8
+    patches = height * width
+    query, key, value = (
+        torch.randn(batch, heads, 1 + patches, dim, dtype=torch.float64, requires_grad=True) for _ in "qkv"
+    )
+    inverse_row, inverse_col = (torch.rand(batch, heads, patches, dtype=torch.float64) + 0.2 for _ in "rc")
+    strength = torch.rand(batch, heads, patches, dtype=torch.float64) * 2
+    statistics = [t.requires_grad_() for t in (inverse_row, inverse_col, strength)]
+    positions = torch.arange(patches)
+    layout = (positions // width, positions % width, width, -4.0)  # the floor clamps the longest distances
+
+    def attention(q, k, v, a, b, alpha):
+        return FlexGaussianAttention.apply(q, k, v, a, b, alpha, layout, 0.3)
+
+    assert torch.autograd.gradcheck(attention, (query, key, value, *statistics), fast_mode=True)
