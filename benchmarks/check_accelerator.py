@@ -2,13 +2,14 @@
 
     python benchmarks/check_accelerator.py [--json benchmarks/accelerator_checks.json] [--skip-flex] [--only REGEX]
 
-CI has no GPU, so the CUDA paths (the bias mask written for sdpa and its gradient through CUDA's fused kernels, the
-memory-efficient kernel reading the padded bias in place, flex attention's in-kernel Gaussian and the gradients
-of its captured per-query tensors) are checked here, on a lent GPU. The reference is the eager path in float64 on
-CPU with the same weights; each check reports ||out - ref|| / ||ref|| for the logits and the largest such error
-over the parameter gradients. Float32 without TF32: within 1e-4; bf16 autocast: logits within 3e-2, gradients
-within twice the eager path's error under the same autocast (at least 3e-2). Runs on CPU too (sdpa and eager only, and flex in inference: CPU flex attention has no backward).
-Exits non-zero when a check fails.
+CI has no GPU, so the CUDA paths are checked here, on a lent GPU: the bias mask written for sdpa (inference),
+`EfficientBiasAttention` (training: CUDA's memory-efficient kernel called directly), sdpa's own mask gradient
+(the math kernel), flex attention's in-kernel Gaussian and the gradients of its captured per-query tensors, and
+training under gradient checkpointing. The reference is the eager path in float64 on CPU with the same weights;
+each check reports ||out - ref|| / ||ref|| for the logits and the largest such error over the parameter
+gradients. Float32 without TF32: within 1e-4; bf16 autocast: logits within 3e-2, gradients within twice the
+eager path's error under the same autocast (at least 3e-2). Runs on CPU too (sdpa and eager only, and flex in
+inference: CPU flex attention has no backward). Exits non-zero when a check fails.
 """
 
 import argparse
@@ -131,14 +132,21 @@ def main() -> None:
             if DEVICE == "cuda":  # training: our kernel calls, and sdpa's own mask gradient (the math kernel)
                 paths.append(("sdpa, efficient kernel only", "sdpa", efficient_kernel_only))
                 paths.append(("sdpa, math kernel only", "sdpa", math_kernel_only))
-            if (DEVICE == "cuda" or not training) and not args.skip_flex:
+            flex = (DEVICE == "cuda" or not training) and not args.skip_flex
+            if flex:
                 paths.append(("flex_attention", "flex_attention", contextlib.nullcontext))
+            if training:  # gradient checkpointing as users enable it (non-reentrant): layers recomputed in backward
+                paths.append(("sdpa, checkpointing", "sdpa", contextlib.nullcontext))
+                if flex:
+                    paths.append(("flex_attention, checkpointing", "flex_attention", contextlib.nullcontext))
             for label, implementation, context in paths:
                 name = f"{case}, {mode}, {label}"
                 if args.only and not re.search(args.only, name):
                     continue
                 model = copy.deepcopy(base).to(DEVICE)
                 model.set_attn_implementation(implementation)
+                if label.endswith("checkpointing"):
+                    model.gradient_checkpointing_enable()
                 try:
                     result = check(name, reference, model, pixels, labels, training, FLOAT32_TOLERANCE, context)
                 except Exception as error:  # a path that fails to run is a failed check, with the reason

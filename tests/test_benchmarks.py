@@ -43,7 +43,7 @@ def test_accelerator_checks_pass_on_cpu(tmp_path):
     completed = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-2000:]
     checks = json.loads(output.read_text())["checks"]
-    assert len(checks) == 15  # 3 grids x (inference: eager, sdpa, flex; training: eager, sdpa)
+    assert len(checks) == 18  # 3 grids x (inference: eager, sdpa, flex; training: eager, sdpa, sdpa checkpointed)
     for check in checks:
         assert check["passed"] and check["logits"] <= 1e-4, check
         assert (", train," in check["check"]) == ("gradients" in check), check

@@ -56,7 +56,9 @@ def test_flex_refuses_attention_dropout():
 @pytest.fixture
 def flex_with_backward_on_cpu(monkeypatch):
     """CPU flex attention refuses a backward pass (its compiled kernel has none); its eager implementation, which
-    evaluates the same score modification densely, has one. Lets `FlexGaussianAttention` train on CPU."""
+    evaluates the same score modification densely, has one, the gradients of the captured per-query variances and
+    strengths included. Lets the flex path train on CPU, for the tests below; on CUDA the compiled kernel runs
+    (benchmarks/check_accelerator.py)."""
     import torch.nn.attention.flex_attention as flex_module
 
     from locatvit_hf import modeling_locatvit
@@ -73,49 +75,21 @@ def flex_with_backward_on_cpu(monkeypatch):
     "image_size, height, width, checkpointing",
     [(32, 40, 24, False), (32, 24, 40, True), (256, 88, 72, False)],  # the last: the pooled training shortcut
 )
-def test_flex_training_gradients_match_sdpa(
-    flex_with_backward_on_cpu, monkeypatch, image_size, height, width, checkpointing
-):
-    """`FlexGaussianAttention` (q, k, v through flex attention's backward, the Gaussian's statistics through the
-    weighted forward passes) gives the gradients of the sdpa path, for every parameter."""
-    from locatvit_hf.modeling_locatvit import FlexGaussianAttention
-
-    calls = []
-    apply = FlexGaussianAttention.apply
-    monkeypatch.setattr(FlexGaussianAttention, "apply", lambda *args: calls.append(1) or apply(*args))
+def test_flex_training_gradients_match_sdpa(flex_with_backward_on_cpu, image_size, height, width, checkpointing):
+    """Training through the flex path (the Gaussian's statistics captured by the score modification) gives the
+    loss and every parameter's gradient of the sdpa path."""
     config = tiny_config(image_size=image_size, num_hidden_layers=2)
     sdpa, flex = pair(config, LocAtViTForSemanticSegmentation)
     x = torch.randn(2, 3, height, width)
     labels = torch.randint(0, 5, (2, height, width))
     losses = []
     for model in (sdpa, flex):
-        if checkpointing:
-            model.gradient_checkpointing_enable()
+        if checkpointing:  # reentrant: PyTorch's eager flex attention (the stand-in here) returns wrong gradients of
+            # captured tensors under non-reentrant checkpointing (torch 2.14, reproduced without this model); the
+            # compiled kernel with the default checkpointing is checked on CUDA (benchmarks/check_accelerator.py).
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
         loss = model.train()(x, labels=labels, interpolate_pos_encoding=True).loss
         loss.backward()
         losses.append(loss.detach())
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
     assert_gradients_close(flex, sdpa)
-    assert len(calls) == (4 if checkpointing else 2)  # each layer (again when recomputed)
-
-
-def test_flex_statistic_gradients_gradcheck(flex_with_backward_on_cpu):
-    """`FlexGaussianAttention` against numerical gradients in float64, the statistics included."""
-    from locatvit_hf.modeling_locatvit import FlexGaussianAttention
-
-    torch.manual_seed(0)
-    batch, heads, height, width, dim = 1, 2, 3, 4, 8
-    patches = height * width
-    query, key, value = (
-        torch.randn(batch, heads, 1 + patches, dim, dtype=torch.float64, requires_grad=True) for _ in "qkv"
-    )
-    inverse_row, inverse_col = (torch.rand(batch, heads, patches, dtype=torch.float64) + 0.2 for _ in "rc")
-    strength = torch.rand(batch, heads, patches, dtype=torch.float64) * 2
-    statistics = [t.requires_grad_() for t in (inverse_row, inverse_col, strength)]
-    positions = torch.arange(patches)
-    layout = (positions // width, positions % width, width, -4.0)  # the floor clamps the longest distances
-
-    def attention(q, k, v, a, b, alpha):
-        return FlexGaussianAttention.apply(q, k, v, a, b, alpha, layout, 0.3)
-
-    assert torch.autograd.gradcheck(attention, (query, key, value, *statistics), fast_mode=True)

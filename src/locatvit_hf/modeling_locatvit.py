@@ -421,10 +421,11 @@ class LocAtViTGaussianBias(nn.Module):
         variance, strength = self.variance_and_strength(pooled, grid_size)
         return variance, strength, corners.flatten(), block.flatten()
 
-    def score_statistics(self, query: torch.Tensor, grid_size: tuple[int, int]):
-        """What the flex score modification reads: per patch query (batch, heads, P) the inverse row and column
-        variances 1 / (var + eps) and the strength alpha, and its grid row and column (P,)."""
+    def score_mod(self, query: torch.Tensor, grid_size: tuple[int, int]) -> Callable:
+        """A `flex_attention` score modification that adds the bias inside the kernel, evaluating the Gaussian from
+        the per-query variances and strengths: nothing of size N x N is materialized (for long sequences)."""
         height, width = grid_size
+        device = query.device
         if self.training and self.pools_queries_in_training:
             variance, strength, corners, block = self.pooled_statistics(query[:, :, NUM_PREFIX_TOKENS:], grid_size)
             variance, strength, positions = variance[:, :, block], strength[:, :, block], corners[block]
@@ -432,134 +433,43 @@ class LocAtViTGaussianBias(nn.Module):
             variance, strength = self.variance_and_strength(query, grid_size)
             variance = variance[:, :, NUM_PREFIX_TOKENS:]
             strength = strength[:, :, NUM_PREFIX_TOKENS:]
-            positions = torch.arange(height * width, device=query.device)
+            positions = torch.arange(height * width, device=device)
+        query_rows, query_cols = positions // width, positions % width
         inverse_row = 1 / (variance[..., 0] + self.eps)
         inverse_col = 1 / (variance[..., 1] + self.eps)
-        return inverse_row, inverse_col, strength[..., 0], positions // width, positions % width
+        strength = strength[..., 0]
+        floor = self.min_half_sq_distance
 
-
-def gaussian_score_mod(
-    inverse_row, inverse_col, strength, query_rows, query_cols, width: int, floor: float, selector=None
-) -> Callable:
-    """A `flex_attention` score modification that adds the bias inside the kernel, evaluating the Gaussian from
-    the per-query statistics (`LocAtViTGaussianBias.score_statistics`): nothing of size N x N is materialized.
-
-    With `selector`, a one-hot (3,) tensor over (strength, inverse row variance, inverse column variance), the
-    score also gets log |dB/dtheta| of the selected statistic theta, and the scores of prefix pairs are masked
-    out: the weighted attention that `FlexGaussianAttention`'s backward reads the gradients from."""
-    log_strength = None if selector is None else strength.clamp(min=PROFILE_FLOOR).log()
-
-    def score_mod(score, batch, head, q_idx, kv_idx):
-        q = (q_idx - NUM_PREFIX_TOKENS).clamp(min=0)
-        k = (kv_idx - NUM_PREFIX_TOKENS).clamp(min=0)
-        row_offset = (query_rows[q] - k // width).to(inverse_row.dtype)
-        col_offset = (query_cols[q] - k % width).to(inverse_row.dtype)
-        d_row = torch.clamp(-0.5 * row_offset * row_offset, min=floor)
-        d_col = torch.clamp(-0.5 * col_offset * col_offset, min=floor)
-        exponent = d_row * inverse_row[batch, head, q] + d_col * inverse_col[batch, head, q]
-        bias = strength[batch, head, q] * torch.exp(exponent)
-        is_patch_pair = (q_idx >= NUM_PREFIX_TOKENS) & (kv_idx >= NUM_PREFIX_TOKENS)
-        if selector is None:
+        def gaussian_score_mod(score, batch, head, q_idx, kv_idx):
+            q = (q_idx - NUM_PREFIX_TOKENS).clamp(min=0)
+            k = (kv_idx - NUM_PREFIX_TOKENS).clamp(min=0)
+            row_offset = (query_rows[q] - k // width).to(inverse_row.dtype)
+            col_offset = (query_cols[q] - k % width).to(inverse_row.dtype)
+            d_row = torch.clamp(-0.5 * row_offset * row_offset, min=floor)
+            d_col = torch.clamp(-0.5 * col_offset * col_offset, min=floor)
+            exponent = d_row * inverse_row[batch, head, q] + d_col * inverse_col[batch, head, q]
+            bias = strength[batch, head, q] * torch.exp(exponent)
+            is_patch_pair = (q_idx >= NUM_PREFIX_TOKENS) & (kv_idx >= NUM_PREFIX_TOKENS)
             return score + torch.where(is_patch_pair, bias, torch.zeros_like(bias)).to(score.dtype)
-        # dB/d(strength) = exp(exponent); dB/d(inverse row variance) = B * d_row (<= 0), likewise for columns.
-        log_row = log_strength[batch, head, q] + torch.log(torch.clamp(-d_row, min=1e-30))
-        log_col = log_strength[batch, head, q] + torch.log(torch.clamp(-d_col, min=1e-30))
-        log_gradient = exponent + selector[1] * log_row + selector[2] * log_col
-        weighted = torch.where(is_patch_pair, bias + log_gradient, torch.full_like(bias, -1e30))
-        return score + weighted.to(score.dtype)
 
-    return score_mod
+        return gaussian_score_mod
 
 
-class FlexGaussianAttention(torch.autograd.Function):
-    """`flex_attention` with the Gaussian score modification, for training: gradients of the per-query statistics
-    without flex attention's atomic scatter.
-
-    Flex attention's own backward adds the gradient of a captured per-query tensor score by score, with atomic adds
-    of a query's N scores into one address: 5.9x a ViT's training step at 512 px and 12x at 1024 px (Tiny, H200).
-    Here the backward recomputes the forward to run flex attention's backward for q, k and v with the statistics
-    held constant, and each statistic theta gets sum_j dS_ij g_ij (dS = P * (dP - D), the scores' gradient;
-    g_ij = dB_ij/dtheta_i) from one more forward pass: attention whose scores also get log |g_ij| has probabilities
-    P_ij |g_ij| / sum_j P_ij |g_ij| and log-sum-exp lse', so sum_j dS_ij g_ij = sign(g) exp(lse' - lse)
-    (dO_i . O'_i - D_i), with D_i = dO_i . O_i. Saved: what flex attention's own backward keeps.
-    """
-
-    @staticmethod
-    def forward(ctx, query, key, value, inverse_row, inverse_col, strength, layout: tuple, scale: float):
-        ctx.layout, ctx.scale = layout, scale
-        score_mod = gaussian_score_mod(inverse_row, inverse_col, strength, *layout)
-        output, logsumexp = flex_attention_with_logsumexp(query, key, value, score_mod, scale)
-        ctx.save_for_backward(query, key, value, inverse_row, inverse_col, strength, output, logsumexp)
-        return output
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_output):
-        query, key, value, *statistics, output, logsumexp = ctx.saved_tensors
-        grads = [None, None, None]
-        if any(ctx.needs_input_grad[:3]):  # flex attention's own backward, the statistics held constant
-            with torch.enable_grad():
-                inputs = [
-                    t.detach().requires_grad_(needs) for t, needs in zip((query, key, value), ctx.needs_input_grad)
-                ]
-                score_mod = gaussian_score_mod(*statistics, *ctx.layout)
-                recomputed = compiled_flex_attention()(*inputs, score_mod=score_mod, scale=ctx.scale)
-                needed = [t for t in inputs if t.requires_grad]
-                computed = iter(torch.autograd.grad(recomputed, needed, grad_output))
-            grads = [next(computed) if t.requires_grad else None for t in inputs]
-        statistic_grads = [None, None, None]
-        if any(ctx.needs_input_grad[3:6]):
-            delta = (grad_output * output).sum(-1, dtype=torch.float32)
-            # (inverse row variance, inverse column variance, strength): index in the selector, sign of dB/dtheta
-            for position, (index, sign) in enumerate(((1, -1.0), (2, -1.0), (0, 1.0))):
-                if not ctx.needs_input_grad[3 + position]:
-                    continue
-                selector = torch.zeros(3, device=query.device)
-                selector[index] = 1.0
-                score_mod = gaussian_score_mod(*statistics, *ctx.layout, selector)
-                weighted, weighted_logsumexp = flex_attention_with_logsumexp(query, key, value, score_mod, ctx.scale)
-                weight = torch.exp(weighted_logsumexp.float() - logsumexp.float())
-                grad = sign * weight * ((grad_output * weighted).sum(-1, dtype=torch.float32) - delta)
-                statistic_grads[position] = grad[..., NUM_PREFIX_TOKENS:].to(statistics[position].dtype)
-        return *grads, *statistic_grads, None, None
-
-
-def flex_attention_with_logsumexp(query, key, value, score_mod: Callable, scale: float):
-    """Compiled `flex_attention`'s output and log-sum-exp (natural log)."""
-    flex_attention = compiled_flex_attention()
-    try:
-        from torch.nn.attention.flex_attention import AuxRequest
-    except ImportError:  # torch < 2.9
-        return flex_attention(query, key, value, score_mod=score_mod, scale=scale, return_lse=True)
-    output, aux = flex_attention(query, key, value, score_mod=score_mod, scale=scale, return_aux=AuxRequest(lse=True))
-    return output, aux.lse
-
-
-def flex_attention_forward(module: nn.Module, query, key, value, grid_size: tuple[int, int], scaling: float, dropout):
-    """Attention through `flex_attention`, compiled (the fused kernel), with the Gaussian as score modification;
-    in training through `FlexGaussianAttention`. Returns (batch, N, heads, dim), as the attention interface does."""
+def flex_attention_forward(
+    module: nn.Module, query, key, value, score_mod: Callable | None, scaling: float, dropout: float = 0.0
+):
+    """Attention through `flex_attention`, compiled (the fused kernel), with the Gaussian as `score_mod`."""
     if dropout > 0:
         raise ValueError(
             "`flex_attention` does not support attention dropout: set `attention_probs_dropout_prob=0` or use "
             "`attn_implementation='sdpa'`."
         )
-    gaussian = module.gaussian_bias
-    if gaussian is None:
-        output = compiled_flex_attention()(query, key, value, scale=scaling)
-        return output.transpose(1, 2).contiguous()
-    *statistics, query_rows, query_cols = gaussian.score_statistics(query, grid_size)
-    layout = (query_rows, query_cols, grid_size[1], gaussian.min_half_sq_distance)
-    if torch.compiler.is_compiling():  # inside a compiled model, the compiler fuses it, gradients included
+    if torch.compiler.is_compiling():  # inside a compiled model, the compiler fuses it
         from torch.nn.attention.flex_attention import flex_attention
-
-        output = flex_attention(query, key, value, score_mod=gaussian_score_mod(*statistics, *layout), scale=scaling)
-    elif torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, *statistics)):
-        output = FlexGaussianAttention.apply(query, key, value, *statistics, layout, scaling)
     else:
-        output = compiled_flex_attention()(
-            query, key, value, score_mod=gaussian_score_mod(*statistics, *layout), scale=scaling
-        )
-    return output.transpose(1, 2).contiguous()
+        flex_attention = compiled_flex_attention()
+    output = flex_attention(query, key, value, score_mod=score_mod, scale=scaling)
+    return output.transpose(1, 2).contiguous(), None
 
 
 @functools.cache
@@ -892,8 +802,11 @@ class LocAtViTAttention(nn.Module):
         value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         dropout = self.attention_dropout if self.training else 0.0
         if self.config._attn_implementation == "flex_attention":
-            attn_output = flex_attention_forward(self, query, key, value, grid_size, self.scaling, dropout)
-            return self.o_proj(attn_output.reshape(*input_shape, -1)), None
+            score_mod = self.gaussian_bias.score_mod(query, grid_size) if self.gaussian_bias is not None else None
+            attn_output, attn_weights = flex_attention_forward(
+                self, query, key, value, score_mod, self.scaling, dropout
+            )
+            return self.o_proj(attn_output.reshape(*input_shape, -1)), attn_weights
 
         if self.gaussian_bias is not None and self.recomputes_bias_in_backward(query, dropout):
             row, col = self.gaussian_bias.patch_profiles(query, grid_size)
