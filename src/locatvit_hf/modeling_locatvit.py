@@ -601,14 +601,9 @@ class SeparableBiasAttention(torch.autograd.Function):
             output = torch.bmm(probabilities, v)
             ctx.save_for_backward(q, k, v, row, col, output, probabilities)
             return output.view(batch, heads, seq_len, dim)
-        chunks = attention_chunks(batch, heads, seq_len, query.element_size())
-        items, group = (part.stop - part.start for part in chunks[0])
-        buffer = workspace.get("bias", (items, group, seq_len, seq_len), query.dtype, query.device)
         output = query.new_empty(batch, heads, seq_len, dim)
         logsumexp = query.new_empty(batch, heads, seq_len)
-        for chunk in chunks:
-            bias = buffer[: chunk[0].stop - chunk[0].start, : chunk[1].stop - chunk[1].start]
-            write_separable_bias(bias, row[chunk], col[chunk], num_prefix)
+        for chunk, bias in chunk_biases(workspace, query, row, col, num_prefix):
             output[chunk], logsumexp[chunk] = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
                 query[chunk], key[chunk], value[chunk], 0.0, False, attn_mask=bias, scale=scale
             )
@@ -686,8 +681,7 @@ class EfficientBiasAttention(torch.autograd.Function):
         ctx.scale, ctx.num_prefix, ctx.workspace = scale, num_prefix, workspace
         output = query.new_empty(batch, seq_len, heads, dim).transpose(1, 2)  # the layout the kernel writes
         logsumexp = None
-        for chunk in attention_chunks(batch, heads, seq_len, query.element_size()):
-            bias = chunk_bias(workspace, chunk, row, col, num_prefix, query)
+        for chunk, bias in chunk_biases(workspace, query, row, col, num_prefix):
             chunk_output, chunk_logsumexp, seed, offset = torch.ops.aten._scaled_dot_product_efficient_attention(
                 query[chunk], key[chunk], value[chunk], bias, True, scale=scale
             )
@@ -707,8 +701,7 @@ class EfficientBiasAttention(torch.autograd.Function):
         grad_row = row.new_empty(row.shape) if ctx.needs_input_grad[3] else None
         grad_col = col.new_empty(col.shape) if ctx.needs_input_grad[4] else None
         needs_bias_grad = grad_row is not None or grad_col is not None
-        for chunk in attention_chunks(batch, heads, seq_len, query.element_size()):
-            bias = chunk_bias(ctx.workspace, chunk, row, col, prefix, query)
+        for chunk, bias in chunk_biases(ctx.workspace, query, row, col, prefix):
             *chunk_grads, grad_bias = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
                 grad_output[chunk], query[chunk], key[chunk], value[chunk], bias, output[chunk], logsumexp[chunk],
                 seed, offset, 0.0, [True, True, True, needs_bias_grad], False, scale=ctx.scale,
@@ -728,15 +721,16 @@ class EfficientBiasAttention(torch.autograd.Function):
         return *grads, grad_row, grad_col, None, None, None
 
 
-def chunk_bias(workspace: "BiasWorkspace", chunk, row, col, num_prefix: int, query: torch.Tensor) -> torch.Tensor:
-    """The bias of one (batch, heads) chunk of `attention_chunks`, written into the workspace's reused buffer (sized
-    for the first, largest chunk)."""
-    items, group = (part.stop - part.start for part in chunk)
-    seq_len = query.shape[-2]
-    largest = attention_chunks(*query.shape[:2], seq_len, query.element_size())[0]
-    shape = (*(part.stop - part.start for part in largest), seq_len, seq_len)
-    bias = workspace.get("bias", shape, query.dtype, query.device)[:items, :group]
-    return write_separable_bias(bias, row[chunk], col[chunk], num_prefix)
+def chunk_biases(workspace: "BiasWorkspace", query: torch.Tensor, row, col, num_prefix: int):
+    """Each (batch, heads) chunk of `attention_chunks` with its bias, written in turn into one reused workspace
+    buffer, sized for the first (largest) chunk."""
+    batch, heads, seq_len, _ = query.shape
+    chunks = attention_chunks(batch, heads, seq_len, query.element_size())
+    items, group = (part.stop - part.start for part in chunks[0])
+    buffer = workspace.get("bias", (items, group, seq_len, seq_len), query.dtype, query.device)
+    for chunk in chunks:
+        bias = buffer[: chunk[0].stop - chunk[0].start, : chunk[1].stop - chunk[1].start]
+        yield chunk, write_separable_bias(bias, row[chunk], col[chunk], num_prefix)
 
 
 def attention_backward_slices(
