@@ -243,8 +243,9 @@ class BiasWorkspace:
     """The buffers that all layers of an encoder reuse for what no layer keeps after its attention ran.
 
     Without a gradient that is the (…, N, N) bias itself (`"bias"`, from `new_bias_buffer`) and the profiles'
-    exponent it is computed from (`"profiles"`); in CPU training (`SeparableBiasAttention`) the bias of each chunk
-    of long sequences, and the scores and their gradient of short ones (`"scores"`, `"grad_scores"`, contiguous).
+    exponent it is computed from (`"profiles"`); in training (`SeparableBiasAttention` on CPU, `EfficientBiasAttention`
+    on CUDA) the bias of each chunk (`chunk_biases`), and on CPU the scores and their gradient of short sequences
+    (`"scores"`, `"grad_scores"`, contiguous).
     Reused across layers and calls, they cost their writes only, not a fresh allocation per layer (on CPU, large
     allocations go back to the system when freed, and each reuse then pays a page fault per 4 KB). One set per
     thread, so concurrent calls do not share them. Consequence for forward hooks on `LocAtViTGaussianBias`: in
