@@ -851,6 +851,7 @@ class LocAtViTAttention(nn.Module):
         else:
             supported = (
                 query.device.type == "cuda"
+                and query.dtype in (torch.float32, torch.float16, torch.bfloat16)  # the kernel's types
                 and torch.backends.cuda.mem_efficient_sdp_enabled()
                 and query.shape[-1] % 8 == 0
             )
