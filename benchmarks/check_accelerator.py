@@ -96,15 +96,31 @@ def efficient_kernel_only():
     return sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION])
 
 
-def save(path: str, results: list) -> None:
-    """Written after every check, so that a run cut short keeps what it found."""
-    device = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"
-    with open(path, "w") as file:
-        json.dump({"device": device, "torch": torch.__version__, "checks": results}, file, indent=2)
-
-
 def math_kernel_only():
     return sdpa_kernel([SDPBackend.MATH])
+
+
+def check_path(name, base, implementation, reference, pixels, labels, training, tolerance, context, checkpointing):
+    """`check` of a copy of `base` on the device with `implementation`; a path that fails to run is a failed
+    check, with the reason."""
+    model = copy.deepcopy(base).to(DEVICE)
+    model.set_attn_implementation(implementation)
+    if checkpointing:
+        model.gradient_checkpointing_enable()
+    try:
+        return check(name, reference, model, pixels, labels, training, tolerance, context)
+    except Exception as error:
+        return {"check": name, "passed": False, "error": f"{type(error).__name__}: {error}"[:400]}
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"
+
+
+def save(path: str, results: list) -> None:
+    """Written after every check, so that a run cut short keeps what it found."""
+    with open(path, "w") as file:
+        json.dump({"device": device_name(), "torch": torch.__version__, "checks": results}, file, indent=2)
 
 
 def main() -> None:
@@ -119,6 +135,12 @@ def main() -> None:
     # another size (variance rescaling, distance clamp), and the pooled-query training shortcut (initial grid 32).
     cases = [("12x9", 224, 192, 144), ("pooled 12x10", 512, 192, 160), ("14x14", 224, 224, 224)]
     results = []
+
+    def record(result: dict) -> None:
+        results.append(result)
+        save(args.json, results)
+        print(json.dumps(result), flush=True)
+
     for case, image_size, height, width in cases:
         torch.manual_seed(0)
         base = randomized(LocAtViTForImageClassification._from_config(config_for(image_size)))
@@ -141,19 +163,10 @@ def main() -> None:
                     paths.append(("flex_attention, checkpointing", "flex_attention", contextlib.nullcontext))
             for label, implementation, context in paths:
                 name = f"{case}, {mode}, {label}"
-                if args.only and not re.search(args.only, name):
-                    continue
-                model = copy.deepcopy(base).to(DEVICE)
-                model.set_attn_implementation(implementation)
-                if label.endswith("checkpointing"):
-                    model.gradient_checkpointing_enable()
-                try:
-                    result = check(name, reference, model, pixels, labels, training, FLOAT32_TOLERANCE, context)
-                except Exception as error:  # a path that fails to run is a failed check, with the reason
-                    result = {"check": name, "passed": False, "error": f"{type(error).__name__}: {error}"[:400]}
-                results.append(result)
-                save(args.json, results)
-                print(json.dumps(result), flush=True)
+                if not args.only or re.search(args.only, name):
+                    checkpointing = label.endswith("checkpointing")
+                    record(check_path(name, base, implementation, reference, pixels, labels, training,
+                                      FLOAT32_TOLERANCE, context, checkpointing))  # fmt: skip
             if DEVICE == "cuda" and training:
                 # bf16 rounds the (N x N) sums behind the Gaussian's parameter gradients: the eager path (the formula
                 # written out, under the same autocast) sets the bar, with a floor of BF16_TOLERANCE.
@@ -162,20 +175,13 @@ def main() -> None:
                     name = f"{case}, {mode}, {implementation}, bf16 autocast"
                     if args.only and not re.search(args.only, name):
                         continue
-                    model = copy.deepcopy(base).to(DEVICE)
-                    model.set_attn_implementation(implementation)
-                    try:
-                        result = check(name, reference, model, pixels, labels, True, tolerance, bf16_autocast)
-                    except Exception as error:
-                        result = {"check": name, "passed": False, "error": f"{type(error).__name__}: {error}"[:400]}
+                    result = check_path(name, base, implementation, reference, pixels, labels, True, tolerance,
+                                        bf16_autocast, False)  # fmt: skip
                     if implementation == "eager" and "gradients" in result:
                         tolerance = max(BF16_TOLERANCE, 2 * result["gradients"])
                         result["passed"] = result["logits"] <= BF16_TOLERANCE  # the bar itself
-                    results.append(result)
-                    save(args.json, results)
-                    print(json.dumps(result), flush=True)
-    device = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"
-    print(f"\n{'check':<52} {'logits':>9} {'grads':>9}  result ({device}, torch {torch.__version__})")
+                    record(result)
+    print(f"\n{'check':<52} {'logits':>9} {'grads':>9}  result ({device_name()}, torch {torch.__version__})")
     for result in results:
         logits = f"{result['logits']:.1e}" if "logits" in result else "-"
         grads = f"{result['gradients']:.1e}" if "gradients" in result else "-"
