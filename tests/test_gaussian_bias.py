@@ -429,3 +429,21 @@ def test_cuda_training_attention_runs_its_kernel_calls_on_meta_tensors(monkeypat
     grads = torch.autograd.grad(output.sum(), (query, key, value, row, col))
     assert [g.shape for g in grads] == [t.shape for t in (query, key, value, row, col)]
     assert [g.dtype for g in grads] == [dtype] * 3 + [torch.float32] * 2
+
+
+@pytest.mark.parametrize("slab_bytes", [3200, 1600, 1000])  # two images, one image, two heads of one image
+def test_chunk_views_write_through(monkeypatch, slab_bytes):
+    """`EfficientBiasAttention` writes each chunk's profile gradients into `flat_chunk` views: every chunk of a
+    contiguous tensor must be a view, so that together the chunks fill the whole tensor."""
+    from locatvit_hf import modeling_locatvit as modeling
+
+    monkeypatch.setattr(modeling, "SLAB_BYTES", slab_bytes)
+    batch, heads, seq_len = 3, 4, 10
+    target = torch.zeros(batch, heads, seq_len - 1, 3)
+    chunks = modeling.attention_chunks(batch, heads, seq_len, 4)
+    for index, chunk in enumerate(chunks):
+        modeling.flat_chunk(target, chunk).fill_(index + 1)
+    expected = torch.zeros_like(target)
+    for index, chunk in enumerate(chunks):
+        expected[chunk] = index + 1
+    assert len(chunks) > 1 and (target > 0).all() and torch.equal(target, expected)
