@@ -201,21 +201,24 @@ class SeparableBiasWriter(torch.autograd.Function):
 
 
 @functools.lru_cache(maxsize=16)
-def query_distance_tables(height: int, width: int, floor: float, device: torch.device) -> torch.Tensor:
-    """Clamped -0.5 * squared distances from every patch (row-major) to each grid row and column, stacked as one
-    (2, S, P) table, S = max(H, W): [0, r, i] to row r, [1, c, i] to column c (entries past H or W are padding,
-    never read). Stacked so that both profiles come from one broadcast expression, and queries last, so that it
-    runs over contiguous rows of queries (a grid's 14 rows or columns are too short for vectorized loops).
+def query_distance_tables(
+    height: int, width: int, floor: float, scale: float, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """Clamped -0.5 * squared distances from every patch (row-major) to each grid row and column, divided by the
+    variances' `scale` (in float64, then rounded once to `dtype`), stacked as one (2, S, P) table, S = max(H, W):
+    [0, r, i] to row r, [1, c, i] to column c (entries past H or W are padding, never read). Stacked so that both
+    profiles come from one broadcast expression, and queries last, so that it runs over contiguous rows of queries
+    (a grid's 14 rows or columns are too short for vectorized loops).
 
     Cached for the few grid sizes a run meets; shared by all layers, whose constants are the same. Built outside
     inference mode, so that tables first made by an inference call also serve training."""
     with torch.inference_mode(False):
         side = max(height, width)
-        positions = torch.arange(side, device=device, dtype=torch.float32)
-        table = (-0.5 * (positions[:, None] - positions[None, :]) ** 2).clamp(min=floor)  # (S, S)
-        rows = torch.arange(height, device=device).repeat_interleave(width)
-        cols = torch.arange(width, device=device).repeat(height)
-        return torch.stack((table[:, rows], table[:, cols]))
+        positions = torch.arange(side, dtype=torch.float64)  # on CPU: not every accelerator has float64
+        table = (-0.5 * (positions[:, None] - positions[None, :]) ** 2).clamp(min=floor) / scale  # (S, S)
+        rows = torch.arange(height).repeat_interleave(width)
+        cols = torch.arange(width).repeat(height)
+        return torch.stack((table[:, rows], table[:, cols])).to(device=device, dtype=dtype)
 
 
 def new_bias_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -306,57 +309,69 @@ class LocAtViTGaussianBias(nn.Module):
         """Whether this call writes into the encoder's reused buffers: no gradient recorded, outside compilation."""
         return self.workspace is not None and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
 
-    def query_distances(self, grid_size: tuple[int, int], device: torch.device) -> torch.Tensor:
-        """-0.5 * squared distances from each patch query (row-major) to every grid row and column, clamped as in the
-        original: a (2, max(H, W), P) table (`query_distance_tables`)."""
-        if torch.compiler.is_compiling():
-            return query_distance_tables.__wrapped__(*grid_size, self.min_half_sq_distance, device)
-        return query_distance_tables(*grid_size, self.min_half_sq_distance, torch.device(device))
+    def variance_scale(self, grid_size: tuple[int, int]) -> float:
+        """The variances' upper bound: the configured grid's squared side, rescaled with the grid (SPEC §2)."""
+        scale = self.max_variance
+        if tuple(grid_size) != self.initial_grid:
+            scale *= min(grid_size) / min(self.initial_grid)
+        return scale
 
-    def variance_and_strength(self, queries: torch.Tensor, grid_size: tuple[int, int]):
-        """Variances (..., 2: row, column) and strengths (..., 1) of `queries` (batch, heads, tokens, head_dim), in
-        float32 (float64 for float64 queries). Both are views of a tokens-last (batch, heads, 3, tokens) tensor, the
-        layout `profiles` computes in."""
+    def query_distances(self, grid_size: tuple[int, int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """-0.5 * squared distances from each patch query (row-major) to every grid row and column, clamped as in the
+        original and divided by `variance_scale`: a (2, max(H, W), P) table (`query_distance_tables`)."""
+        args = (*grid_size, self.min_half_sq_distance, self.variance_scale(grid_size), dtype)
+        if torch.compiler.is_compiling():
+            return query_distance_tables.__wrapped__(*args, device)
+        return query_distance_tables(*args, torch.device(device))
+
+    def statistics(self, queries: torch.Tensor) -> torch.Tensor:
+        """The variance (2: row, column) and strength (1) maps' outputs, before their activations, for `queries`
+        (batch, heads, tokens, head_dim): a tokens-last (batch, heads, 3, tokens) view, in float32 (float64 for
+        float64 queries), with the variance's shift included."""
         dtype = torch.promote_types(queries.dtype, torch.float32)
         with torch.autocast(device_type=queries.device.type, enabled=False):
             # Both maps in one matmul over the token-major layout the q projection wrote (no copy for its view), as
-            # (3, head_dim) x (head_dim, batch * tokens * heads): twice as fast as the tall-and-thin product. The
-            # variance's shift goes into the bias, the grid's rescaling into the scale.
+            # (3, head_dim) x (head_dim, batch * tokens * heads): twice as fast as the tall-and-thin product.
             weight = torch.cat((self.variance_proj.weight, self.strength_proj.weight)).to(dtype)
             bias = torch.cat((self.variance_proj.bias - self.variance_shift, self.strength_proj.bias)).to(dtype)
             batch, heads, tokens, head_dim = queries.shape
             token_major = queries.transpose(1, 2).reshape(-1, head_dim).to(dtype)
-            projected = torch.addmm(bias[:, None], weight, token_major.t()).view(3, batch, tokens, heads)
-            projected = projected.permute(1, 3, 0, 2).contiguous()  # (batch, heads, 3, tokens)
-            scale = self.max_variance
-            if tuple(grid_size) != self.initial_grid:
-                scale *= min(grid_size) / min(self.initial_grid)
-            variance = torch.sigmoid(projected[..., :2, :]) * scale
+            projected = torch.addmm(bias[:, None], weight, token_major.t())
+        return projected.view(3, batch, tokens, heads).permute(1, 3, 0, 2)
+
+    def variance_and_strength(self, queries: torch.Tensor, grid_size: tuple[int, int]):
+        """Variances (..., 2: row, column) and strengths (..., 1) of `queries` (batch, heads, tokens, head_dim), in
+        float32 (float64 for float64 queries)."""
+        projected = self.statistics(queries)
+        with torch.autocast(device_type=queries.device.type, enabled=False):
+            variance = torch.sigmoid(projected[..., :2, :]) * self.variance_scale(grid_size)
             strength = F.softplus(projected[..., 2:, :])
         return variance.transpose(-1, -2), strength.transpose(-1, -2)
 
     def profiles(
         self,
-        variance: torch.Tensor,
-        strength: torch.Tensor,
+        statistics: torch.Tensor,
         distances: torch.Tensor,
         grid_size: tuple[int, int],
         out: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Row profiles alpha * exp(d_row / (var_row + eps)) (batch, heads, Q, H) and column profiles
-        exp(d_col / (var_col + eps)) (batch, heads, Q, W) of Q queries, from their (2, S, Q) distance table.
+        exp(d_col / (var_col + eps)) (batch, heads, Q, W) of Q queries, from their `statistics` (batch, heads, 3, Q)
+        and their (2, S, Q) distance table (`query_distances`).
 
-        Both come from one exponential of one broadcast product, with alpha moved into the row's exponent as
-        log(alpha), computed queries last (`query_distance_tables`); `out`, if given, holds that (..., 2, S, Q)
-        product (no gradient). The column profiles are a contiguous copy (the bias write reads them along the grid's
+        Both come from one exponential of one broadcast quotient, computed queries last (`query_distance_tables`):
+        with var = scale * sigmoid(v), d / (var + eps) = (d / scale) / (sigmoid(v) + eps / scale), the table holding
+        d / scale; alpha is moved into the row's exponent as log(alpha). `out`, if given, holds that (..., 2, S, Q)
+        exponent (no gradient). The column profiles are a contiguous copy (the bias write reads them along the grid's
         columns), the row profiles too when they need a gradient (`FlushedProfiles`), else a view.
         """
         height, width = grid_size
-        with torch.autocast(device_type=variance.device.type, enabled=False):
-            inverse = (variance.transpose(-1, -2) + self.eps).reciprocal()  # (..., 2, Q)
-            exponent = torch.mul(distances.to(inverse.dtype), inverse.unsqueeze(-2), out=out)  # (..., 2, S, Q)
+        with torch.autocast(device_type=statistics.device.type, enabled=False):
+            denominator = torch.sigmoid(statistics[..., :2, :]) + self.eps / self.variance_scale(grid_size)
+            exponent = torch.div(distances, denominator.unsqueeze(-2), out=out)
             # alpha below PROFILE_FLOOR only ever gives flushed entries; the clamp keeps log(alpha) finite.
-            exponent.select(-3, 0).add_(torch.log(strength.transpose(-1, -2).clamp(min=PROFILE_FLOOR)))
+            strength = F.softplus(statistics[..., 2, :])
+            exponent.select(-3, 0).add_(torch.log(strength.clamp(min=PROFILE_FLOOR)).unsqueeze(-2))
             if exponent.requires_grad and not torch.compiler.is_compiling():
                 return FlushedProfiles.apply(exponent, height, width)
             row, col = flushed_exp(exponent).unbind(-3)
@@ -370,16 +385,14 @@ class LocAtViTGaussianBias(nn.Module):
         row profiles are a view of a reused buffer, valid until the next layer's call."""
         if self.training and self.pools_queries_in_training:
             return self._pooled_profiles(query[:, :, NUM_PREFIX_TOKENS:], grid_size)
-        variance, strength = self.variance_and_strength(query, grid_size)
-        distances = self.query_distances(grid_size, query.device)
+        statistics = self.statistics(query)[..., NUM_PREFIX_TOKENS:]
+        distances = self.query_distances(grid_size, statistics.dtype, query.device)
         out = None
         if self.uses_workspace():
             batch, heads, seq_len, _ = query.shape
             shape = (batch, heads, *distances.shape[:2], seq_len - NUM_PREFIX_TOKENS)
-            out = self.workspace.get("profiles", shape, variance.dtype, query.device)
-        return self.profiles(
-            variance[:, :, NUM_PREFIX_TOKENS:], strength[:, :, NUM_PREFIX_TOKENS:], distances, grid_size, out
-        )
+            out = self.workspace.get("profiles", shape, statistics.dtype, query.device)
+        return self.profiles(statistics, distances, grid_size, out)
 
     def forward(self, query: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
         """Full (batch, heads, N, N) bias in `query`'s dtype; rows and columns of the CLS token are 0."""
@@ -394,18 +407,19 @@ class LocAtViTGaussianBias(nn.Module):
         return SeparableBiasWriter.apply(row_profile, col_profile, NUM_PREFIX_TOKENS, query.dtype)
 
     def _pooled_profiles(self, patch_queries: torch.Tensor, grid_size: tuple[int, int]):
-        """Profiles of the original's training shortcut for large initial grids (`pooled_statistics`), evaluated once
+        """Profiles of the original's training shortcut for large initial grids (`pooled_queries`), evaluated once
         per 2x2 block and shared by its four queries."""
-        variance, strength, corners, block = self.pooled_statistics(patch_queries, grid_size)
-        distances = self.query_distances(grid_size, patch_queries.device)[..., corners]
-        row_profile, col_profile = self.profiles(variance, strength, distances, grid_size)
+        pooled, corners, block = self.pooled_queries(patch_queries, grid_size)
+        statistics = self.statistics(pooled)
+        distances = self.query_distances(grid_size, statistics.dtype, patch_queries.device)[..., corners]
+        row_profile, col_profile = self.profiles(statistics, distances, grid_size)
         return row_profile[:, :, block], col_profile[:, :, block]
 
-    def pooled_statistics(self, patch_queries: torch.Tensor, grid_size: tuple[int, int]):
+    def pooled_queries(self, patch_queries: torch.Tensor, grid_size: tuple[int, int]):
         """The original's training shortcut for large initial grids (SPEC §2): queries average-pooled over 2x2 patch
         blocks give one variance and strength per block, evaluated at the block's even corner (every second row and
-        column) and repeated over the block. Returns the blocks' variances and strengths, the patch index of each
-        block's corner, and the block of each patch."""
+        column) and repeated over the block. Returns the pooled queries (batch, heads, blocks, head_dim), the patch
+        index of each block's corner, and the block of each patch."""
         batch, heads, _, dim = patch_queries.shape
         height, width = grid_size
         grid = patch_queries.reshape(batch * heads, height, width, dim).permute(0, 3, 1, 2)
@@ -419,8 +433,7 @@ class LocAtViTGaussianBias(nn.Module):
         corners = (torch.arange(pooled_h, device=device) * 2)[:, None] * width + torch.arange(
             pooled_w, device=device
         ) * 2
-        variance, strength = self.variance_and_strength(pooled, grid_size)
-        return variance, strength, corners.flatten(), block.flatten()
+        return pooled, corners.flatten(), block.flatten()
 
     def score_mod(self, query: torch.Tensor, grid_size: tuple[int, int]) -> Callable:
         """A `flex_attention` score modification that adds the bias inside the kernel, evaluating the Gaussian from
@@ -428,7 +441,8 @@ class LocAtViTGaussianBias(nn.Module):
         height, width = grid_size
         device = query.device
         if self.training and self.pools_queries_in_training:
-            variance, strength, corners, block = self.pooled_statistics(query[:, :, NUM_PREFIX_TOKENS:], grid_size)
+            pooled, corners, block = self.pooled_queries(query[:, :, NUM_PREFIX_TOKENS:], grid_size)
+            variance, strength = self.variance_and_strength(pooled, grid_size)
             variance, strength, positions = variance[:, :, block], strength[:, :, block], corners[block]
         else:
             variance, strength = self.variance_and_strength(query, grid_size)
@@ -791,7 +805,8 @@ class LocAtViTAttention(nn.Module):
         key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         dropout = self.attention_dropout if self.training else 0.0
-        if self.config._attn_implementation == "flex_attention":
+        implementation = self.config._attn_implementation
+        if implementation == "flex_attention":
             score_mod = self.gaussian_bias.score_mod(query, grid_size) if self.gaussian_bias is not None else None
             attn_output, attn_weights = flex_attention_forward(
                 self, query, key, value, score_mod, self.scaling, dropout
@@ -814,9 +829,7 @@ class LocAtViTAttention(nn.Module):
             return self.o_proj(attn_output.reshape(*input_shape, -1)), None
 
         bias = self.gaussian_bias(query, grid_size) if self.gaussian_bias is not None else None
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
         attn_output, attn_weights = attention_interface(
             self,
             query,
@@ -833,31 +846,29 @@ class LocAtViTAttention(nn.Module):
     def attends_in_query_blocks(self, query: torch.Tensor) -> bool:
         """`sdpa` without a gradient, with a bias above `INFERENCE_BIAS_BYTES`: `attention_in_query_blocks`."""
         return (
-            self.config._attn_implementation == "sdpa"
-            and self.gaussian_bias.uses_workspace()
+            self.gaussian_bias.uses_workspace()
             and bias_bytes(query) > INFERENCE_BIAS_BYTES
+            and self.config._attn_implementation == "sdpa"
         )
 
     def recomputes_bias_in_backward(self, query: torch.Tensor, dropout: float) -> bool:
         """Training with `sdpa` on CPU in float32 (`SeparableBiasAttention`), or on CUDA where its memory-efficient
         kernel is enabled and takes the head size (`EfficientBiasAttention`): see there why."""
+        if not (torch.is_grad_enabled() and query.requires_grad and dropout == 0.0):  # first: inference is done here
+            return False
+        if (
+            self.config._attn_implementation != "sdpa"
+            or self.gaussian_bias.workspace is None
+            or torch.compiler.is_compiling()
+        ):
+            return False
         if query.device.type == "cpu":
-            supported = query.dtype == torch.float32
-        else:
-            supported = (
-                query.device.type == "cuda"
-                and query.dtype in (torch.float32, torch.float16, torch.bfloat16)  # the kernel's types
-                and torch.backends.cuda.mem_efficient_sdp_enabled()
-                and query.shape[-1] % 8 == 0
-            )
+            return query.dtype == torch.float32
         return (
-            supported
-            and self.config._attn_implementation == "sdpa"
-            and torch.is_grad_enabled()
-            and query.requires_grad
-            and dropout == 0.0
-            and self.gaussian_bias.workspace is not None
-            and not torch.compiler.is_compiling()
+            query.device.type == "cuda"
+            and query.dtype in (torch.float32, torch.float16, torch.bfloat16)  # the kernel's types
+            and torch.backends.cuda.mem_efficient_sdp_enabled()
+            and query.shape[-1] % 8 == 0
         )
 
 
