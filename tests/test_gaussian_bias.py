@@ -332,11 +332,16 @@ def test_bias_buffer_layout():
         assert (bias[..., 0, :] == 0).all() and (bias[..., 0] == 0).all()
 
 
-def test_inference_reuses_one_bias_buffer():
+@pytest.mark.parametrize("fused_kernel", [True, False])
+def test_inference_reuses_one_bias_buffer(fused_kernel, monkeypatch):
     """Without a gradient all layers and calls write their bias (and their profiles) into the encoder's one buffer
-    each (no allocation, and no page faults, per layer), and results do not depend on what the buffers held before."""
+    each (no allocation, and no page faults, per layer), and results do not depend on what the buffers held before.
+    With the fused CPU kernel (where it is built) no bias is written at all, only the profiles."""
+    import locatvit_hf.modeling_locatvit as modeling
     from locatvit_hf import LocAtViTModel
 
+    if not fused_kernel:
+        monkeypatch.setattr(modeling, "fused_cpu_attention", lambda: None)
     torch.manual_seed(0)
     model = LocAtViTModel._from_config(tiny_config(num_hidden_layers=3), attn_implementation="sdpa").eval()
     workspace = model.encoder.bias_workspace
@@ -346,7 +351,8 @@ def test_inference_reuses_one_bias_buffer():
         pointers = {key: buffer.data_ptr() for key, buffer in workspace._buffers.items()}
         model(torch.randn(2, 3, 32, 32))
         again = model(x).last_hidden_state
-    assert sorted(purpose for _, purpose in pointers) == ["bias", "profiles"]
+    expected = ["profiles"] if modeling.fused_cpu_attention() is not None else ["bias", "profiles"]
+    assert sorted(purpose for _, purpose in pointers) == expected
     assert {k: b.data_ptr() for k, b in workspace._buffers.items()} == pointers
     torch.testing.assert_close(again, first, rtol=0, atol=0)
 
@@ -384,10 +390,12 @@ def test_flushed_profiles_gradient(grid):
 def test_inference_in_query_blocks_matches_one_piece(monkeypatch, limit, pixels):
     """Above `INFERENCE_BIAS_BYTES`, inference writes and attends the bias one block of queries at a time (bounded
     memory at high resolution). The output equals the bias written in one piece, for blocks of one row, a few rows
-    and a last partial block, on square and non-square grids; the workspace then holds one block's rows."""
+    and a last partial block, on square and non-square grids; the workspace then holds one block's rows. (The path
+    of inference without the fused CPU kernel: on accelerators, in other dtypes, or where the kernel is not built.)"""
     import locatvit_hf.modeling_locatvit as modeling
     from locatvit_hf import LocAtViTModel
 
+    monkeypatch.setattr(modeling, "fused_cpu_attention", lambda: None)
     model = LocAtViTModel._from_config(tiny_config(num_hidden_layers=2), attn_implementation="sdpa").eval()
     x = torch.randn(2, 3, *pixels)
     with torch.no_grad():

@@ -32,7 +32,12 @@ from locatvit_hf import (
 
 from .conftest import tiny_config
 
-MODEL_CODE_FILES = {"configuration_locatvit.py", "modeling_locatvit.py", "modelcard_locatvit.py"}
+MODEL_CODE_FILES = {
+    "configuration_locatvit.py",
+    "modeling_locatvit.py",
+    "modelcard_locatvit.py",
+    "cpu_attention_locatvit.py",
+}
 MODEL_FILES = {"model.safetensors", "config.json", "README.md"} | MODEL_CODE_FILES
 PROCESSOR_FILES = {"preprocessor_config.json", "image_processing_locatvit.py"}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")

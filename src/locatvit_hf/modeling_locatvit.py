@@ -30,6 +30,7 @@ from transformers.utils.generic import can_return_tuple, merge_with_config_defau
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_locatvit import LocAtViTConfig
+from .cpu_attention_locatvit import fused_cpu_attention
 
 NUM_PREFIX_TOKENS = 1  # the CLS token
 # Profile values below this are set to 0, so that the product of two profiles is 0 or a normal float32: the bias then
@@ -821,6 +822,11 @@ class LocAtViTAttention(nn.Module):
             )
             return self.o_proj(attn_output.transpose(1, 2).reshape(*input_shape, -1)), None
 
+        if self.gaussian_bias is not None and self.uses_fused_cpu_kernel(query, dropout):
+            row, col = self.gaussian_bias.patch_profiles(query, grid_size)
+            attn_output = fused_cpu_attention()(query, key, value, row, col, self.scaling, NUM_PREFIX_TOKENS)
+            return self.o_proj(attn_output.reshape(*input_shape, -1)), None
+
         if self.gaussian_bias is not None and self.attends_in_query_blocks(query):
             row, col = self.gaussian_bias.patch_profiles(query, grid_size)
             attn_output = attention_in_query_blocks(
@@ -842,6 +848,18 @@ class LocAtViTAttention(nn.Module):
         )
         attn_output = self.o_proj(attn_output.reshape(*input_shape, -1).contiguous())
         return attn_output, attn_weights
+
+    def uses_fused_cpu_kernel(self, query: torch.Tensor, dropout: float) -> bool:
+        """`sdpa` in float32 on CPU without a gradient, where the fused kernel (`cpu_attention_locatvit`) is built:
+        it evaluates the bias inside the attention instead of writing and reading an N x N mask."""
+        return (
+            query.device.type == "cpu"
+            and query.dtype == torch.float32
+            and dropout == 0.0
+            and self.gaussian_bias.uses_workspace()
+            and self.config._attn_implementation == "sdpa"
+            and fused_cpu_attention() is not None
+        )
 
     def attends_in_query_blocks(self, query: torch.Tensor) -> bool:
         """`sdpa` without a gradient, with a bias above `INFERENCE_BIAS_BYTES`: `attention_in_query_blocks`."""

@@ -1,0 +1,116 @@
+"""The fused CPU inference kernel (`cpu_attention_locatvit`) equals sdpa reading the written bias, and the model uses
+it exactly where it should."""
+
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import locatvit_hf.modeling_locatvit as modeling
+from locatvit_hf import LocAtViTForImageClassification, LocAtViTForSemanticSegmentation
+from locatvit_hf.cpu_attention_locatvit import CAPABILITY_FLAGS, _load, fused_cpu_attention
+from locatvit_hf.modeling_locatvit import NUM_PREFIX_TOKENS, LocAtViTGaussianBias
+
+from .conftest import tiny_config
+
+BUILDABLE = torch.backends.cpu.get_cpu_capability() in CAPABILITY_FLAGS and shutil.which("c++") is not None
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    if not BUILDABLE:
+        pytest.skip("the kernel is built for x86 CPUs with AVX2 or AVX-512 and needs a C++ compiler")
+    built = fused_cpu_attention()
+    assert built is not None, "the kernel should build here (see the log for the build error)"
+    return built
+
+
+def trained_like_bias(head_dim: int, grid) -> LocAtViTGaussianBias:
+    config = tiny_config(hidden_size=2 * head_dim, image_size=(8 * grid[0], 8 * grid[1]))
+    module = LocAtViTGaussianBias(config)
+    with torch.no_grad():  # variances and strengths far from their initial 1 and ln 2
+        module.variance_proj.weight.normal_(0, 0.5)
+        module.variance_proj.bias.uniform_(-3, 3)
+        module.strength_proj.weight.normal_(0, 0.5)
+        module.strength_proj.bias.uniform_(-1, 2)
+    return module.eval()
+
+
+def token_major(batch, seq_len, heads, dim):
+    """(batch, heads, N, dim) views of a (batch, N, heads * dim) projection, as the attention gets them."""
+    return torch.randn(batch, seq_len, heads, dim).transpose(1, 2)
+
+
+@pytest.mark.parametrize(
+    "batch, heads, dim, grid",
+    [
+        (2, 2, 16, (4, 4)),
+        (1, 1, 16, (3, 5)),  # one (image, head): the queries are split into blocks to give every thread work
+        (2, 3, 64, (14, 14)),  # ViT-Tiny at 224 px
+        (1, 2, 24, (7, 30)),  # a non-square grid, a head size that is not a whole number of vectors
+        (1, 1, 32, (24, 24)),  # 577 tokens: scores in several blocks of queries
+    ],
+)
+def test_kernel_equals_sdpa_with_the_written_bias(kernel, batch, heads, dim, grid):
+    module = trained_like_bias(dim, grid)
+    seq_len = grid[0] * grid[1] + NUM_PREFIX_TOKENS
+    query, key, value = (token_major(batch, seq_len, heads, dim) for _ in range(3))
+    query = query * 3  # sharper attention than random unit vectors
+    with torch.inference_mode():
+        row, col = module.patch_profiles(query, grid)
+        bias = module(query, grid).clone()
+        expected = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=dim**-0.5)
+        actual = kernel(query, key, value, row, col, dim**-0.5, NUM_PREFIX_TOKENS)
+    assert bias[:, :, 1:, 1:].abs().max() > 0.1  # the bias matters
+    assert actual.shape == (batch, seq_len, heads, dim)
+    torch.testing.assert_close(actual, expected.transpose(1, 2), rtol=1e-5, atol=2e-6)
+
+
+def test_kernel_rejects_profiles_of_another_grid(kernel):
+    query = token_major(1, 17, 1, 16)
+    row, col = torch.rand(1, 1, 16, 4), torch.rand(1, 1, 16, 4)
+    with pytest.raises(RuntimeError, match="profiles do not match"):
+        kernel(query, query, query, row[:, :, :15], col[:, :, :15], 0.25, NUM_PREFIX_TOKENS)
+    with pytest.raises(RuntimeError, match="float32"):
+        kernel(query.double(), query, query, row, col, 0.25, NUM_PREFIX_TOKENS)
+
+
+@pytest.mark.parametrize("model_class", [LocAtViTForImageClassification, LocAtViTForSemanticSegmentation])
+def test_model_outputs_equal_with_and_without_the_kernel(kernel, model_class, monkeypatch):
+    model = model_class._from_config(tiny_config(), attn_implementation="sdpa").eval()
+    for layer in model.locatvit.encoder.layers:
+        gaussian = layer.attention.gaussian_bias
+        with torch.no_grad():
+            gaussian.variance_proj.bias.uniform_(-3, 3)
+            gaussian.strength_proj.bias.uniform_(0, 3)
+    pixels = torch.randn(2, 3, 40, 24)  # a non-square grid other than the configured one
+    calls = []
+    monkeypatch.setattr(modeling, "fused_cpu_attention", lambda: lambda *args: calls.append(1) or kernel(*args))
+    with torch.inference_mode():
+        fused = model(pixels, interpolate_pos_encoding=True).logits
+    assert len(calls) == model.config.num_hidden_layers
+    monkeypatch.setattr(modeling, "fused_cpu_attention", lambda: None)
+    with torch.inference_mode():
+        masked = model(pixels, interpolate_pos_encoding=True).logits
+    torch.testing.assert_close(fused, masked, rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_only_where_it_applies(kernel):
+    """Training, other dtypes and other attention implementations keep their paths."""
+    model = LocAtViTForImageClassification._from_config(tiny_config(), attn_implementation="sdpa")
+    attention = model.locatvit.encoder.layers[0].attention
+    query = torch.randn(1, 2, 17, 16)
+    with torch.inference_mode():
+        assert attention.uses_fused_cpu_kernel(query, 0.0)
+        assert not attention.uses_fused_cpu_kernel(query.bfloat16(), 0.0)
+        assert not attention.uses_fused_cpu_kernel(query, 0.1)
+    assert not attention.uses_fused_cpu_kernel(query.requires_grad_(), 0.0)  # a gradient is recorded
+    eager = LocAtViTForImageClassification._from_config(tiny_config(), attn_implementation="eager")
+    with torch.inference_mode():
+        assert not eager.locatvit.encoder.layers[0].attention.uses_fused_cpu_kernel(query, 0.0)
+
+
+def test_environment_switch_turns_the_kernel_off(monkeypatch):
+    monkeypatch.setenv("LOCATVIT_CPU_KERNEL", "0")
+    assert _load.__wrapped__() is None
