@@ -12,7 +12,7 @@ from locatvit_hf import LocAtViTForImageClassification, LocAtViTForSemanticSegme
 from locatvit_hf.cpu_attention_locatvit import CAPABILITY_FLAGS, _load, fused_cpu_attention
 from locatvit_hf.modeling_locatvit import NUM_PREFIX_TOKENS, LocAtViTGaussianBias
 
-from .conftest import tiny_config
+from .conftest import assert_gradients_close, tiny_config
 
 BUILDABLE = torch.backends.cpu.get_cpu_capability() in CAPABILITY_FLAGS and shutil.which("c++") is not None
 
@@ -67,6 +67,67 @@ def test_kernel_equals_sdpa_with_the_written_bias(kernel, batch, heads, dim, gri
     torch.testing.assert_close(actual, expected.transpose(1, 2), rtol=1e-5, atol=2e-6)
 
 
+def written_bias_attention(query, key, value, row, col, scale):
+    """The reference: the bias written out from its profiles (padded with the prefix's zero rows and columns) and
+    plain autograd through matmul, softmax and matmul."""
+    bias = (row.unsqueeze(-1) * col.unsqueeze(-2)).flatten(-2)
+    bias = F.pad(bias, (NUM_PREFIX_TOKENS, 0, NUM_PREFIX_TOKENS, 0))
+    probabilities = torch.softmax(query @ key.transpose(-1, -2) * scale + bias, dim=-1)
+    return (probabilities @ value).transpose(1, 2)
+
+
+@pytest.mark.parametrize(
+    "batch, heads, dim, grid",
+    [(2, 2, 16, (4, 4)), (1, 3, 24, (7, 30)), (2, 3, 64, (14, 14)), (1, 1, 32, (24, 24))],
+)
+def test_kernel_gradients_equal_autograd_through_the_written_bias(kernel, batch, heads, dim, grid):
+    """The backward (probabilities recomputed from the log-sum-exp block by block, bias gradient reduced to the
+    profiles in the kernel) against autograd through the formula, for every input."""
+    seq_len = grid[0] * grid[1] + NUM_PREFIX_TOKENS
+    inputs = [token_major(batch, seq_len, heads, dim) * 2 for _ in range(3)]
+    inputs += [torch.rand(batch, heads, seq_len - 1, grid[0]) * 3, torch.rand(batch, heads, seq_len - 1, grid[1])]
+    inputs = [t.detach().requires_grad_() for t in inputs]
+    weight = torch.randn(batch, seq_len, heads, dim)
+    outputs = kernel(*inputs, dim**-0.5, NUM_PREFIX_TOKENS), written_bias_attention(*inputs, dim**-0.5)
+    gradients = [torch.autograd.grad((output * weight).sum(), inputs) for output in outputs]
+    for name, actual, expected in zip(["query", "key", "value", "row", "col"], *gradients):
+        assert (actual - expected).norm() <= 1e-5 * expected.norm(), name
+
+
+@pytest.mark.parametrize(
+    "image_size, pixels, checkpointing",
+    [
+        (32, (40, 24), False),
+        (32, (40, 24), True),  # gradient checkpointing: the forward runs again in backward
+        (256, (256, 256), False),  # a 32 x 32 configured grid: the original's pooled-query training shortcut
+    ],
+)
+def test_model_training_with_the_kernel_equals_eager(kernel, image_size, pixels, checkpointing):
+    import copy
+
+    config = tiny_config(image_size=image_size)
+    sdpa = LocAtViTForSemanticSegmentation._from_config(copy.deepcopy(config), attn_implementation="sdpa").train()
+    eager = LocAtViTForSemanticSegmentation._from_config(copy.deepcopy(config), attn_implementation="eager").train()
+    for layer in sdpa.locatvit.encoder.layers:
+        gaussian = layer.attention.gaussian_bias
+        with torch.no_grad():
+            gaussian.variance_proj.bias.uniform_(-3, 3)
+            gaussian.strength_proj.bias.uniform_(0, 3)
+    eager.load_state_dict(sdpa.state_dict())
+    if checkpointing:
+        for model in (sdpa, eager):
+            model.gradient_checkpointing_enable()
+    x, labels = torch.randn(2, 3, *pixels), torch.randint(0, 5, (2, *pixels))
+    assert sdpa.locatvit.encoder.layers[0].attention.uses_fused_cpu_kernel(torch.zeros(1), 0.0)
+    losses = []
+    for model in (sdpa, eager):
+        loss = model(x, labels=labels, interpolate_pos_encoding=True).loss
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[0], losses[1])
+    assert_gradients_close(sdpa, eager)
+
+
 def test_kernel_rejects_profiles_of_another_grid(kernel):
     query = token_major(1, 17, 1, 16)
     row, col = torch.rand(1, 1, 16, 4), torch.rand(1, 1, 16, 4)
@@ -97,7 +158,8 @@ def test_model_outputs_equal_with_and_without_the_kernel(kernel, model_class, mo
 
 
 def test_kernel_only_where_it_applies(kernel):
-    """Training, other dtypes and other attention implementations keep their paths."""
+    """Other dtypes, attention dropout and other attention implementations keep their paths; inference and
+    training both use it."""
     model = LocAtViTForImageClassification._from_config(tiny_config(), attn_implementation="sdpa")
     attention = model.locatvit.encoder.layers[0].attention
     query = torch.randn(1, 2, 17, 16)
@@ -105,7 +167,7 @@ def test_kernel_only_where_it_applies(kernel):
         assert attention.uses_fused_cpu_kernel(query, 0.0)
         assert not attention.uses_fused_cpu_kernel(query.bfloat16(), 0.0)
         assert not attention.uses_fused_cpu_kernel(query, 0.1)
-    assert not attention.uses_fused_cpu_kernel(query.requires_grad_(), 0.0)  # a gradient is recorded
+    assert attention.uses_fused_cpu_kernel(query.requires_grad_(), 0.0)  # a gradient is recorded
     eager = LocAtViTForImageClassification._from_config(tiny_config(), attn_implementation="eager")
     with torch.inference_mode():
         assert not eager.locatvit.encoder.layers[0].attention.uses_fused_cpu_kernel(query, 0.0)

@@ -185,9 +185,11 @@ def formula_bias_differentiable(module, query, grid, initial_grid):
 @pytest.fixture(params=["keeps_probabilities", "recomputes_probabilities"])
 def attention_path(request, monkeypatch):
     """Runs a test on both paths of `SeparableBiasAttention`: short sequences keep their probabilities, long ones
-    (here: all, with the length limit set to 0) run the fused kernel and recompute them in backward."""
+    (here: all, with the length limit set to 0) run the fused kernel and recompute them in backward. (The path of
+    CPU training where `cpu_attention_locatvit` is not built, which is turned off here.)"""
     import locatvit_hf.modeling_locatvit as modeling
 
+    monkeypatch.setattr(modeling, "fused_cpu_attention", lambda: None)
     if request.param == "recomputes_probabilities":
         monkeypatch.setattr(modeling, "KEPT_PROBABILITY_TOKENS_PER_HEAD_DIM", 0)
     return request.param

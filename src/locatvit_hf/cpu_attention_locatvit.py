@@ -1,10 +1,13 @@
-"""A fused CPU kernel for inference: attention with the separable Gaussian bias evaluated inside it.
+"""A fused CPU kernel: attention with the separable Gaussian bias evaluated inside it, for inference and training.
 
 With stock kernels, the bias is written as a (batch, heads, N, N) float mask that `sdpa` then reads: at 512 px that is
-25 MB a layer for ViT-Tiny, written and read once each, and it costs a third more than the attention itself. Here each
-block of queries gets its scores from one matrix product, the bias is added from the (H + W) profile values of each
-query while the scores are in the core's cache, the softmax follows in the same pass, and a second product writes the
-output straight into the token-major layout the output projection reads. Nothing of size N x N leaves the cache.
+25 MB a layer for ViT-Tiny, written and read once each, and it costs a third more than the attention itself; in
+training, `sdpa` has no fused kernel for a mask that needs a gradient at all. Here each block of queries gets its
+scores from one matrix product, the bias is added from the (H + W) profile values of each query while the scores are
+in the core's cache, the softmax follows in the same pass, and a second product writes the output straight into the
+token-major layout the output projection reads. The backward pass recomputes the probabilities from one log-sum-exp
+per query, block by block, and reduces the bias gradient to the profiles in the same pass. Nothing of size N x N is
+kept or leaves the cache.
 
 Compiled on first use with `torch.utils.cpp_extension` (needs a C++ compiler and ninja, about 30 s, cached per
 machine) for x86 CPUs with AVX2 or AVX-512; elsewhere, or if the build fails, or with `LOCATVIT_CPU_KERNEL=0` in the
@@ -15,6 +18,7 @@ import functools
 import logging
 import os
 import threading
+from collections.abc import Callable
 
 import torch
 
@@ -32,6 +36,7 @@ KERNEL_SOURCE = r"""
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <tuple>
 #include <vector>
 
 namespace {
@@ -48,102 +53,218 @@ Sgemm blas_sgemm() {
 
 bool has_blas() { return blas_sgemm() != nullptr; }
 
-// Row-major c (m x n, ldc) = alpha * a (m x k, lda) * op(b): op(b) = b^T for b (n x k, ldb) if b_transposed, else
-// b (k x n, ldb). BLAS is column-major, so it computes c^T = op(b)^T a^T.
-void gemm(int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda, const float* b, int64_t ldb,
-          bool b_transposed, float* c, int64_t ldc) {
+// Row-major c (m x n, ldc) = alpha * op(a) * op(b) + beta * c, op(a) (m x k) and op(b) (k x n) being a and b
+// or, if transposed, the transposes of the stored a (k x m) and b (n x k). BLAS is column-major: it computes
+// c^T = op(b)^T op(a)^T from the same memory.
+void gemm(bool transpose_a, bool transpose_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
+          int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
   const int cm = n, cn = m, ck = k, clda = ldb, cldb = lda, cldc = ldc;
-  const float zero = 0.f;
-  blas_sgemm()(b_transposed ? "T" : "N", "N", &cm, &cn, &ck, &alpha, b, &clda, a, &cldb, &zero, c, &cldc);
+  blas_sgemm()(transpose_b ? "T" : "N", transpose_a ? "T" : "N", &cm, &cn, &ck, &alpha, b, &clda, a, &cldb, &beta, c,
+               &cldc);
 }
 
-// One query's scores over all n keys, in place: adds the Gaussian bias row[r] * col[c] to the patch keys (those
-// after the prefix, grid row r, column c; `row` null for prefix queries), then exponentiates against the row's
-// maximum. Returns the sum of the exponentials (the softmax's denominator).
-float add_bias_and_exponentiate(float* scores, int64_t n, int64_t prefix, const float* row, int64_t row_stride,
-                                const float* col, int64_t height, int64_t width) {
-  if (row != nullptr) {
-    for (int64_t r = 0; r < height; ++r) {  // grid rows are short (14 at 224 px): partial vectors for the rest
-      float* segment = scores + prefix + r * width;
-      const Vec row_value(row[r * row_stride]);
-      for (int64_t c = 0; c < width; c += Vec::size()) {
-        const int64_t count = std::min<int64_t>(Vec::size(), width - c);
-        at::vec::fmadd(row_value, Vec::loadu(col + c, count), Vec::loadu(segment + c, count)).store(segment + c, count);
-      }
+// Where one (batch, head)'s tensors start, and their row strides.
+struct Slice {
+  const float* data;
+  int64_t stride;
+};
+
+Slice slice(const at::Tensor& t, int64_t b, int64_t h) {
+  return {t.data_ptr<float>() + b * t.stride(0) + h * t.stride(1), t.stride(2)};
+}
+
+// Adds the Gaussian bias row[r] * col[c] to one query's scores of the patch keys (those after the prefix, at grid
+// row r, column c). Grid rows are short (14 at 224 px): partial vectors for the rest.
+void add_bias(float* scores, int64_t prefix, const float* row, int64_t row_stride, const float* col, int64_t height,
+              int64_t width) {
+  for (int64_t r = 0; r < height; ++r) {
+    float* segment = scores + prefix + r * width;
+    const Vec row_value(row[r * row_stride]);
+    for (int64_t c = 0; c < width; c += Vec::size()) {
+      const int64_t count = std::min<int64_t>(Vec::size(), width - c);
+      at::vec::fmadd(row_value, Vec::loadu(col + c, count), Vec::loadu(segment + c, count)).store(segment + c, count);
     }
   }
-  const float max = at::vec::reduce_all<float>([](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, scores, n);
-  const Vec shift(max);
+}
+
+// exp(scores - shift) in place; returns the sum of the exponentials.
+float exponentiate(float* scores, int64_t n, float shift) {
+  const Vec vshift(shift);
   Vec sum(0.f);
   for (int64_t j = 0; j < n; j += Vec::size()) {
     const int64_t count = std::min<int64_t>(Vec::size(), n - j);
-    const Vec e = (Vec::loadu(scores + j, count) - shift).exp_u20();
+    const Vec e = (Vec::loadu(scores + j, count) - vshift).exp_u20();
     e.store(scores + j, count);
     sum += count == Vec::size() ? e : Vec::set(Vec(0.f), e, count);
   }
   return at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, sum);
 }
 
-// softmax(q k^T * scale + B) v for query, key, value (batch, heads, N, dim), with the bias of patch query i and
-// patch key (r, c) B = row[i, r] * col[i, c] (row: (batch, heads, P, H), col: (batch, heads, P, W), P = H * W =
-// N - prefix) and 0 for the prefix tokens. Returns (batch, N, heads, dim).
-at::Tensor gaussian_attention(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-                              const at::Tensor& row, const at::Tensor& col, double scale, int64_t prefix) {
+float dot(const float* x, const float* y, int64_t n) {
+  Vec sum(0.f);
+  for (int64_t j = 0; j < n; j += Vec::size()) {
+    const int64_t count = std::min<int64_t>(Vec::size(), n - j);
+    sum = at::vec::fmadd(Vec::loadu(x + j, count), Vec::loadu(y + j, count), sum);
+  }
+  return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, sum);
+}
+
+// The shape every entry point shares: query, key, value (batch, heads, N, dim) and the profiles of the P = N -
+// prefix patch queries, row (batch, heads, P, H) and col (batch, heads, P, W), P = H * W.
+struct Shape {
+  int64_t batch, heads, seq, dim, height, width, prefix, block, blocks, ld;
+};
+
+Shape check_shape(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, const at::Tensor& row,
+                  const at::Tensor& col, int64_t prefix) {
   for (const auto* t : {&query, &key, &value, &row, &col}) {
     TORCH_CHECK(t->dim() == 4 && t->scalar_type() == at::kFloat && t->device().is_cpu(), "float32 CPU tensors");
   }
   TORCH_CHECK(query.stride(3) == 1 && key.stride(3) == 1 && value.stride(3) == 1 && col.stride(3) == 1,
               "query, key, value and col need a unit stride in their last dimension");
-  const int64_t batch = query.size(0), heads = query.size(1), seq = query.size(2), dim = query.size(3);
-  const int64_t height = row.size(3), width = col.size(3);
-  TORCH_CHECK(height * width + prefix == seq && row.size(2) == seq - prefix && col.size(2) == seq - prefix,
+  Shape s{query.size(0), query.size(1), query.size(2), query.size(3), row.size(3), col.size(3), prefix, 0, 0, 0};
+  TORCH_CHECK(s.height * s.width + prefix == s.seq && row.size(2) == s.seq - prefix && col.size(2) == s.seq - prefix,
               "the profiles do not match the sequence");
-  auto output = at::empty({batch, seq, heads, dim}, query.options());
   // Blocks of queries whose scores (block x N floats) stay in the core's cache (512 KB), but of at least 128
   // queries, below which the products lose their efficiency (measured at 1024 px); and at least four tasks a
   // thread, so that small batches still use every thread.
-  const int64_t cached_rows = std::max<int64_t>(131072 / seq, 128);
+  const int64_t cached_rows = std::max<int64_t>(131072 / s.seq, 128);
   const int64_t tasks_wanted = 4 * at::get_num_threads();
-  int64_t blocks = std::max<int64_t>((seq + cached_rows - 1) / cached_rows,
-                                     (tasks_wanted + batch * heads - 1) / (batch * heads));
-  blocks = std::min(blocks, seq);
-  const int64_t block = (seq + blocks - 1) / blocks;
-  blocks = (seq + block - 1) / block;
-  const float* q = query.data_ptr<float>();
-  const float* k = key.data_ptr<float>();
-  const float* v = value.data_ptr<float>();
-  const float* rows = row.data_ptr<float>();
-  const float* cols = col.data_ptr<float>();
-  float* out = output.data_ptr<float>();
-  const int64_t ld = (seq + 15) / 16 * 16;  // rows of scores on whole cache lines
-  at::parallel_for(0, batch * heads * blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(block * ld);
-    std::vector<float> sums(block);
+  int64_t blocks = std::max<int64_t>((s.seq + cached_rows - 1) / cached_rows,
+                                     (tasks_wanted + s.batch * s.heads - 1) / (s.batch * s.heads));
+  blocks = std::min(blocks, s.seq);
+  s.block = (s.seq + blocks - 1) / blocks;
+  s.blocks = (s.seq + s.block - 1) / s.block;
+  s.ld = (s.seq + 15) / 16 * 16;  // rows of scores on whole cache lines
+  return s;
+}
+
+// softmax(q k^T * scale + B) v, with B[i, j] = row[i, r_j] * col[i, c_j] for patch query i and patch key j at grid
+// row r_j, column c_j, and 0 for the prefix tokens. Returns the output (batch, N, heads, dim), in the token-major
+// layout the output projection reads, and the log-sum-exp of every query's scores (batch, heads, N).
+std::tuple<at::Tensor, at::Tensor> gaussian_attention(const at::Tensor& query, const at::Tensor& key,
+                                                      const at::Tensor& value, const at::Tensor& row,
+                                                      const at::Tensor& col, double scale, int64_t prefix) {
+  const Shape s = check_shape(query, key, value, row, col, prefix);
+  auto output = at::empty({s.batch, s.seq, s.heads, s.dim}, query.options());
+  auto logsumexp = at::empty({s.batch, s.heads, s.seq}, query.options());
+  at::parallel_for(0, s.batch * s.heads * s.blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(s.block * s.ld);
+    std::vector<float> sums(s.block);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / (heads * blocks), h = task / blocks % heads, start = task % blocks * block;
-      const int64_t len = std::min(block, seq - start);
-      const float* qb = q + b * query.stride(0) + h * query.stride(1) + start * query.stride(2);
-      const float* kb = k + b * key.stride(0) + h * key.stride(1);
-      const float* vb = v + b * value.stride(0) + h * value.stride(1);
-      gemm(len, seq, dim, static_cast<float>(scale), qb, query.stride(2), kb, key.stride(2), true, scores.data(), ld);
+      const int64_t b = task / (s.heads * s.blocks), h = task / s.blocks % s.heads, start = task % s.blocks * s.block;
+      const int64_t len = std::min(s.block, s.seq - start);
+      const Slice q = slice(query, b, h), k = slice(key, b, h), v = slice(value, b, h);
+      const Slice rows = slice(row, b, h), cols = slice(col, b, h);
+      float* lse = logsumexp.data_ptr<float>() + (b * s.heads + h) * s.seq + start;
+      gemm(false, true, len, s.seq, s.dim, scale, q.data + start * q.stride, q.stride, k.data, k.stride, 0.f,
+           scores.data(), s.ld);
       for (int64_t i = 0; i < len; ++i) {
-        const int64_t patch = start + i - prefix;  // negative for prefix queries
-        const float* r = patch < 0 ? nullptr : rows + b * row.stride(0) + h * row.stride(1) + patch * row.stride(2);
-        const float* c = patch < 0 ? nullptr : cols + b * col.stride(0) + h * col.stride(1) + patch * col.stride(2);
-        sums[i] = add_bias_and_exponentiate(scores.data() + i * ld, seq, prefix, r, row.stride(3), c, height, width);
+        float* scores_i = scores.data() + i * s.ld;
+        const int64_t patch = start + i - prefix;  // negative for prefix queries, whose bias is 0
+        if (patch >= 0) {
+          add_bias(scores_i, prefix, rows.data + patch * rows.stride, row.stride(3), cols.data + patch * cols.stride,
+                   s.height, s.width);
+        }
+        const float max = at::vec::reduce_all<float>(
+            [](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, scores_i, s.seq);
+        sums[i] = exponentiate(scores_i, s.seq, max);
+        lse[i] = max + std::log(sums[i]);
       }
-      float* ob = out + (b * seq + start) * heads * dim + h * dim;
-      gemm(len, dim, seq, 1.f, scores.data(), ld, vb, value.stride(2), false, ob, heads * dim);
+      float* o = output.data_ptr<float>() + (b * s.seq + start) * s.heads * s.dim + h * s.dim;
+      const int64_t ldo = s.heads * s.dim;
+      gemm(false, false, len, s.dim, s.seq, 1.f, scores.data(), s.ld, v.data, v.stride, 0.f, o, ldo);
       for (int64_t i = 0; i < len; ++i) {  // the softmax's division, on the output's dim values instead of N
         const Vec inverse(1.f / sums[i]);
-        float* o = ob + i * heads * dim;
-        int64_t d = 0;
-        for (; d + Vec::size() <= dim; d += Vec::size()) (Vec::loadu(o + d) * inverse).store(o + d);
-        for (; d < dim; ++d) o[d] /= sums[i];
+        float* o_i = o + i * ldo;
+        for (int64_t d = 0; d < s.dim; d += Vec::size()) {
+          const int64_t count = std::min<int64_t>(Vec::size(), s.dim - d);
+          (Vec::loadu(o_i + d, count) * inverse).store(o_i + d, count);
+        }
       }
     }
   });
-  return output;
+  return {output, logsumexp};
+}
+
+// Gradients of `gaussian_attention` given the gradient of its output (batch, N, heads, dim): with respect to
+// query, key and value, returned as (batch, heads, N, dim) views of token-major (batch, N, heads, dim) tensors (the
+// projections' layout, so autograd copies nothing on the way back), and to the profiles row and col. Recomputes the
+// probabilities from the log-sum-exp, a block of queries at a time, like the forward; each thread owns whole
+// (batch, head) slices, so that it accumulates their key and value gradients alone.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gaussian_attention_backward(
+    const at::Tensor& grad_output, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+    const at::Tensor& row, const at::Tensor& col, const at::Tensor& output, const at::Tensor& logsumexp,
+    double scale, int64_t prefix) {
+  const Shape s = check_shape(query, key, value, row, col, prefix);
+  TORCH_CHECK(grad_output.is_contiguous() && output.is_contiguous() && logsumexp.is_contiguous(),
+              "contiguous output, gradient and log-sum-exp");
+  auto token_major = [&]() { return at::empty({s.batch, s.seq, s.heads, s.dim}, query.options()).transpose(1, 2); };
+  at::Tensor grad_query = token_major(), grad_key = token_major(), grad_value = token_major();
+  auto grad_row = at::empty(row.sizes(), row.options());
+  auto grad_col = at::empty(col.sizes(), col.options());
+  const int64_t ldo = s.heads * s.dim;
+  at::parallel_for(0, s.batch * s.heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> probabilities(s.block * s.ld), grad_scores(s.block * s.ld);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / s.heads, h = task % s.heads;
+      const Slice q = slice(query, b, h), k = slice(key, b, h), v = slice(value, b, h);
+      const Slice rows = slice(row, b, h), cols = slice(col, b, h);
+      const float* lse = logsumexp.data_ptr<float>() + (b * s.heads + h) * s.seq;
+      const float* dout = grad_output.data_ptr<float>() + b * s.seq * ldo + h * s.dim;
+      const float* out = output.data_ptr<float>() + b * s.seq * ldo + h * s.dim;
+      float* dq = grad_query.data_ptr<float>() + b * s.seq * ldo + h * s.dim;
+      float* dk = grad_key.data_ptr<float>() + b * s.seq * ldo + h * s.dim;
+      float* dv = grad_value.data_ptr<float>() + b * s.seq * ldo + h * s.dim;
+      float* drow = grad_row.data_ptr<float>() + (b * s.heads + h) * (s.seq - prefix) * s.height;
+      float* dcol = grad_col.data_ptr<float>() + (b * s.heads + h) * (s.seq - prefix) * s.width;
+      for (int64_t start = 0; start < s.seq; start += s.block) {
+        const int64_t len = std::min(s.block, s.seq - start);
+        const float beta = start == 0 ? 0.f : 1.f;  // the first block writes dk and dv, later ones add to them
+        gemm(false, true, len, s.seq, s.dim, scale, q.data + start * q.stride, q.stride, k.data, k.stride, 0.f,
+             probabilities.data(), s.ld);
+        gemm(false, true, len, s.seq, s.dim, 1.f, dout + start * ldo, ldo, v.data, v.stride, 0.f, grad_scores.data(),
+             s.ld);
+        for (int64_t i = 0; i < len; ++i) {
+          const int64_t t = start + i, patch = t - prefix;
+          float* p = probabilities.data() + i * s.ld;
+          float* ds = grad_scores.data() + i * s.ld;
+          const float* row_i = patch >= 0 ? rows.data + patch * rows.stride : nullptr;
+          const float* col_i = patch >= 0 ? cols.data + patch * cols.stride : nullptr;
+          if (patch >= 0) add_bias(p, prefix, row_i, row.stride(3), col_i, s.height, s.width);
+          exponentiate(p, s.seq, lse[t]);
+          // dS = P * (dP - D), D = dO . O: the softmax's backward, which is also the bias's gradient.
+          const Vec delta(dot(dout + t * ldo, out + t * ldo, s.dim));
+          for (int64_t j = 0; j < s.seq; j += Vec::size()) {
+            const int64_t count = std::min<int64_t>(Vec::size(), s.seq - j);
+            (Vec::loadu(p + j, count) * (Vec::loadu(ds + j, count) - delta)).store(ds + j, count);
+          }
+          if (patch < 0) continue;
+          // The bias gradient reduced to the profiles at once: d row[r] = sum_c dS[r, c] col[c], d col[c] =
+          // sum_r dS[r, c] row[r].
+          float* drow_i = drow + patch * s.height;
+          float* dcol_i = dcol + patch * s.width;
+          std::fill(dcol_i, dcol_i + s.width, 0.f);
+          for (int64_t r = 0; r < s.height; ++r) {
+            const float* segment = ds + prefix + r * s.width;
+            drow_i[r] = dot(segment, col_i, s.width);
+            const Vec row_value(row_i[r * row.stride(3)]);
+            for (int64_t c = 0; c < s.width; c += Vec::size()) {
+              const int64_t count = std::min<int64_t>(Vec::size(), s.width - c);
+              at::vec::fmadd(row_value, Vec::loadu(segment + c, count), Vec::loadu(dcol_i + c, count))
+                  .store(dcol_i + c, count);
+            }
+          }
+        }
+        gemm(true, false, s.seq, s.dim, len, 1.f, probabilities.data(), s.ld, dout + start * ldo, ldo, beta, dv, ldo);
+        gemm(false, false, len, s.dim, s.seq, scale, grad_scores.data(), s.ld, k.data, k.stride, 0.f,
+             dq + start * ldo, ldo);
+        gemm(true, false, s.seq, s.dim, len, scale, grad_scores.data(), s.ld, q.data + start * q.stride, q.stride,
+             beta, dk, ldo);
+      }
+    }
+  });
+  return {grad_query, grad_key, grad_value, grad_row, grad_col};
 }
 
 }  // namespace
@@ -152,8 +273,12 @@ TORCH_LIBRARY(locatvit_cpu, m) {
   m.def("has_blas() -> bool");
   m.impl("has_blas", c10::DispatchKey::CompositeExplicitAutograd, TORCH_FN(has_blas));
   m.def("gaussian_attention(Tensor query, Tensor key, Tensor value, Tensor row, Tensor col, float scale, "
-        "int prefix) -> Tensor");
+        "int prefix) -> (Tensor, Tensor)");
   m.impl("gaussian_attention", c10::DispatchKey::CPU, TORCH_FN(gaussian_attention));
+  m.def("gaussian_attention_backward(Tensor grad_output, Tensor query, Tensor key, Tensor value, Tensor row, "
+        "Tensor col, Tensor output, Tensor logsumexp, float scale, int prefix) -> (Tensor, Tensor, Tensor, Tensor, "
+        "Tensor)");
+  m.impl("gaussian_attention_backward", c10::DispatchKey::CPU, TORCH_FN(gaussian_attention_backward));
 }
 """
 
@@ -169,6 +294,7 @@ _build_lock = threading.Lock()
 
 @functools.cache
 def _load() -> object | None:
+    """The kernel's operators (`torch.ops.locatvit_cpu`), built and loaded once; None where they are unavailable."""
     capability = torch.backends.cpu.get_cpu_capability()
     if os.environ.get("LOCATVIT_CPU_KERNEL", "1") == "0" or capability not in CAPABILITY_FLAGS:
         return None
@@ -191,11 +317,39 @@ def _load() -> object | None:
     if not operators.has_blas():
         logger.warning("LocAtViT's fused CPU attention kernel found no BLAS in this PyTorch; using sdpa with a mask.")
         return None
-    return operators.gaussian_attention
+    return operators
 
 
-def fused_cpu_attention() -> object | None:
-    """The kernel as `(query, key, value, row, col, scale, prefix) -> (batch, N, heads, dim)`, or None where it is
-    unavailable (built on the first call)."""
+class FusedGaussianAttention(torch.autograd.Function):
+    """The kernel with its gradient: only the profiles, the output and one log-sum-exp per query are kept for the
+    backward pass, which recomputes the probabilities block by block and reduces the bias gradient to the profiles
+    while it is in the cache (nothing N x N is kept or leaves the cache, as in the forward)."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, row, col, scale: float, num_prefix: int):
+        output, logsumexp = _load().gaussian_attention(query, key, value, row, col, scale, num_prefix)
+        ctx.save_for_backward(query, key, value, row, col, output, logsumexp)
+        ctx.scale, ctx.num_prefix = scale, num_prefix
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        query, key, value, row, col, output, logsumexp = ctx.saved_tensors
+        grads = _load().gaussian_attention_backward(
+            grad_output.contiguous(), query, key, value, row, col, output, logsumexp, ctx.scale, ctx.num_prefix
+        )
+        return *grads, None, None
+
+
+def gaussian_attention(query, key, value, row, col, scale: float, num_prefix: int) -> torch.Tensor:
+    """softmax(q k^T * scale + B) v with the separable bias B of the (batch, heads, P, H) row and (batch, heads, P,
+    W) column profiles (`LocAtViTGaussianBias.patch_profiles`), for float32 CPU tensors: (batch, N, heads, dim)."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, row, col)):
+        return FusedGaussianAttention.apply(query, key, value, row, col, scale, num_prefix)
+    return _load().gaussian_attention(query, key, value, row, col, scale, num_prefix)[0]
+
+
+def fused_cpu_attention() -> Callable | None:
+    """`gaussian_attention`, or None where the kernel is unavailable (built on the first call)."""
     with _build_lock:
-        return _load()
+        return gaussian_attention if _load() is not None else None

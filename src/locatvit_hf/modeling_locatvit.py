@@ -253,7 +253,8 @@ class BiasWorkspace:
     Reused across layers and calls, they cost their writes only, not a fresh allocation per layer (on CPU, large
     allocations go back to the system when freed, and each reuse then pays a page fault per 4 KB). One set per
     thread, so concurrent calls do not share them. Consequence for forward hooks on `LocAtViTGaussianBias`: in
-    inference its output is overwritten by the next layer; clone it to keep it.
+    inference its output is overwritten by the next layer; clone it to keep it. (With the fused CPU kernel, float32
+    `sdpa` on CPU writes no bias and does not call that module at all, only its `patch_profiles`.)
     """
 
     def __init__(self):
@@ -592,7 +593,8 @@ KEPT_PROBABILITY_TOKENS_PER_HEAD_DIM = 4
 
 
 class SeparableBiasAttention(torch.autograd.Function):
-    """softmax(q k^T * scale + B) v for a bias B given by its separable profiles, for training on CPU.
+    """softmax(q k^T * scale + B) v for a bias B given by its separable profiles, for training on CPU where the fused
+    kernel (`cpu_attention_locatvit`, which does all of this inside the cache) is not built.
 
     PyTorch's CPU attention has a fused kernel for a float mask but not for the mask's gradient: with a mask that
     needs one, `sdpa` falls back to its unfused math path, which keeps the bias, the scores and the probabilities of
@@ -814,6 +816,11 @@ class LocAtViTAttention(nn.Module):
             )
             return self.o_proj(attn_output.reshape(*input_shape, -1)), attn_weights
 
+        if self.gaussian_bias is not None and self.uses_fused_cpu_kernel(query, dropout):
+            row, col = self.gaussian_bias.patch_profiles(query, grid_size)
+            attn_output = fused_cpu_attention()(query, key, value, row, col, self.scaling, NUM_PREFIX_TOKENS)
+            return self.o_proj(attn_output.reshape(*input_shape, -1)), None
+
         if self.gaussian_bias is not None and self.recomputes_bias_in_backward(query, dropout):
             row, col = self.gaussian_bias.patch_profiles(query, grid_size)
             attention = EfficientBiasAttention if query.device.type == "cuda" else SeparableBiasAttention
@@ -821,11 +828,6 @@ class LocAtViTAttention(nn.Module):
                 query, key, value, row, col, self.scaling, NUM_PREFIX_TOKENS, self.gaussian_bias.workspace
             )
             return self.o_proj(attn_output.transpose(1, 2).reshape(*input_shape, -1)), None
-
-        if self.gaussian_bias is not None and self.uses_fused_cpu_kernel(query, dropout):
-            row, col = self.gaussian_bias.patch_profiles(query, grid_size)
-            attn_output = fused_cpu_attention()(query, key, value, row, col, self.scaling, NUM_PREFIX_TOKENS)
-            return self.o_proj(attn_output.reshape(*input_shape, -1)), None
 
         if self.gaussian_bias is not None and self.attends_in_query_blocks(query):
             row, col = self.gaussian_bias.patch_profiles(query, grid_size)
@@ -850,14 +852,14 @@ class LocAtViTAttention(nn.Module):
         return attn_output, attn_weights
 
     def uses_fused_cpu_kernel(self, query: torch.Tensor, dropout: float) -> bool:
-        """`sdpa` in float32 on CPU without a gradient, where the fused kernel (`cpu_attention_locatvit`) is built:
-        it evaluates the bias inside the attention instead of writing and reading an N x N mask."""
+        """`sdpa` in float32 on CPU, inference and training, where the fused kernel (`cpu_attention_locatvit`) is
+        built: it evaluates the bias inside the attention instead of writing and reading an N x N mask."""
         return (
             query.device.type == "cpu"
             and query.dtype == torch.float32
             and dropout == 0.0
-            and self.gaussian_bias.uses_workspace()
             and self.config._attn_implementation == "sdpa"
+            and not torch.compiler.is_compiling()
             and fused_cpu_attention() is not None
         )
 
@@ -870,8 +872,9 @@ class LocAtViTAttention(nn.Module):
         )
 
     def recomputes_bias_in_backward(self, query: torch.Tensor, dropout: float) -> bool:
-        """Training with `sdpa` on CPU in float32 (`SeparableBiasAttention`), or on CUDA where its memory-efficient
-        kernel is enabled and takes the head size (`EfficientBiasAttention`): see there why."""
+        """Training with `sdpa` on CPU in float32 without the fused kernel (`SeparableBiasAttention`), or on CUDA
+        where its memory-efficient kernel is enabled and takes the head size (`EfficientBiasAttention`): see there
+        why."""
         if not (torch.is_grad_enabled() and query.requires_grad and dropout == 0.0):  # first: inference is done here
             return False
         if (
