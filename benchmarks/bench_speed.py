@@ -32,6 +32,7 @@ import torch
 from transformers import ViTConfig, ViTForImageClassification
 
 from locatvit_hf import LocAtViTConfig, LocAtViTForImageClassification
+from locatvit_hf.cpu_attention_locatvit import fused_cpu_attention
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -264,6 +265,8 @@ def main() -> None:
     tuned = [f"{name}={value}" for name, value in sorted(os.environ.items()) if name.startswith("MALLOC_")]
     if tuned:  # glibc's allocator settings change how often large CPU tensors cost page faults
         machine += ", " + " ".join(tuned)
+    if DEVICE == "cpu":  # LOCATVIT_CPU_KERNEL=0 measures the mask path
+        machine += ", fused CPU kernel" if fused_cpu_attention() is not None else ", mask path (no fused CPU kernel)"
     if DEVICE == "cuda":
         machine = f"{torch.cuda.get_device_name()}, cuda"
     rows = []

@@ -49,6 +49,7 @@ def token_major(batch, seq_len, heads, dim):
         (1, 1, 16, (3, 5)),  # one (image, head): the queries are split into blocks to give every thread work
         (2, 3, 64, (14, 14)),  # ViT-Tiny at 224 px
         (1, 2, 24, (7, 30)),  # a non-square grid, a head size that is not a whole number of vectors
+        (1, 2, 16, (30, 7)),  # a narrow grid (vectors of keys span several grid rows) taller than a vector
         (1, 1, 32, (24, 24)),  # 577 tokens: scores in several blocks of queries
     ],
 )
@@ -78,7 +79,7 @@ def written_bias_attention(query, key, value, row, col, scale):
 
 @pytest.mark.parametrize(
     "batch, heads, dim, grid",
-    [(2, 2, 16, (4, 4)), (1, 3, 24, (7, 30)), (2, 3, 64, (14, 14)), (1, 1, 32, (24, 24))],
+    [(2, 2, 16, (4, 4)), (1, 3, 24, (7, 30)), (1, 2, 16, (30, 7)), (2, 3, 64, (14, 14)), (1, 1, 32, (24, 24))],
 )
 def test_kernel_gradients_equal_autograd_through_the_written_bias(kernel, batch, heads, dim, grid):
     """The backward (probabilities recomputed from the log-sum-exp block by block, bias gradient reduced to the
@@ -176,3 +177,25 @@ def test_kernel_only_where_it_applies(kernel):
 def test_environment_switch_turns_the_kernel_off(monkeypatch):
     monkeypatch.setenv("LOCATVIT_CPU_KERNEL", "0")
     assert _load.__wrapped__() is None
+
+
+@pytest.mark.parametrize("grid", [(14, 14), (30, 7)])
+def test_avx2_build_equals_the_reference(kernel, grid):
+    """The build for AVX2 CPUs (which this machine can run, if it is the AVX-512 one) has no vectors of 16 keys: its
+    bias is added one grid row at a time. Forward and backward operators against autograd through the formula."""
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.skip("the CPU does not run AVX2 code")
+    operators = _load("AVX2")
+    assert operators is not None
+    seq_len, dim = grid[0] * grid[1] + NUM_PREFIX_TOKENS, 16
+    inputs = [token_major(2, seq_len, 2, dim) * 2 for _ in range(3)]
+    inputs += [torch.rand(2, 2, seq_len - 1, grid[0]) * 3, torch.rand(2, 2, seq_len - 1, grid[1])]
+    inputs = [t.detach().requires_grad_() for t in inputs]
+    output, logsumexp = operators.gaussian_attention(*inputs, dim**-0.5, NUM_PREFIX_TOKENS)
+    expected = written_bias_attention(*inputs, dim**-0.5)
+    torch.testing.assert_close(output, expected, rtol=1e-5, atol=2e-6)
+    weight = torch.randn(2, seq_len, 2, dim)
+    expected_grads = torch.autograd.grad((expected * weight).sum(), inputs)
+    grads = operators.gaussian_attention_backward(weight, *inputs, output, logsumexp, dim**-0.5, NUM_PREFIX_TOKENS)
+    for name, actual, reference in zip(["query", "key", "value", "row", "col"], grads, expected_grads):
+        assert (actual - reference).norm() <= 1e-5 * reference.norm(), name

@@ -32,6 +32,9 @@ KERNEL_SOURCE = r"""
 #include <torch/library.h>
 
 #include <dlfcn.h>
+#if defined(CPU_CAPABILITY_AVX512)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -73,11 +76,52 @@ Slice slice(const at::Tensor& t, int64_t b, int64_t h) {
   return {t.data_ptr<float>() + b * t.stride(0) + h * t.stride(1), t.stride(2)};
 }
 
+// The grid position of every patch key, for adding the bias a vector of 16 keys at a time on grids at most 16
+// patches wide (AVX-512 builds): per vector, each lane's grid row (relative to the vector's first key's row) and
+// column. The bias of 16 keys is then two register permutes of the query's row and column profiles and a product.
+// Adding it one grid row at a time instead takes a short, masked segment per row (14 keys at 224 px), whose
+// overlapping masked stores and loads stall: measured 3x slower per key.
+struct KeyLanes {
+  std::vector<int32_t> rows, cols;
+};
+
+KeyLanes key_lanes(int64_t height, int64_t width) {
+  KeyLanes lanes;
+#if defined(CPU_CAPABILITY_AVX512)
+  if (width <= 16) {
+    const int64_t patches = height * width, padded = (patches + 15) / 16 * 16;
+    for (int64_t j = 0; j < padded; ++j) {
+      const int64_t key = std::min(j, patches - 1);
+      lanes.rows.push_back(static_cast<int32_t>(key / width - j / 16 * 16 / width));
+      lanes.cols.push_back(static_cast<int32_t>(key % width));
+    }
+  }
+#endif
+  return lanes;
+}
+
 // Adds the Gaussian bias row[r] * col[c] to one query's scores of the patch keys (those after the prefix, at grid
-// row r, column c). Grid rows are short (14 at 224 px): partial vectors for the rest.
+// row r, column c). `scratch` holds at least height + 16 floats.
 void add_bias(float* scores, int64_t prefix, const float* row, int64_t row_stride, const float* col, int64_t height,
-              int64_t width) {
-  for (int64_t r = 0; r < height; ++r) {
+              int64_t width, const KeyLanes& lanes, float* scratch) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if (!lanes.rows.empty()) {
+    for (int64_t r = 0; r < height; ++r) scratch[r] = row[r * row_stride];  // the row profile, contiguous
+    const __m512 col_values = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << width) - 1), col);
+    const int64_t patches = height * width;
+    float* patch_scores = scores + prefix;
+    for (int64_t j = 0; j < patches; j += 16) {
+      const __mmask16 mask = patches - j >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (patches - j)) - 1);
+      const __m512 row_values = _mm512_loadu_ps(scratch + j / width);
+      const __m512 bias =
+          _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_loadu_si512(lanes.rows.data() + j), row_values),
+                        _mm512_permutexvar_ps(_mm512_loadu_si512(lanes.cols.data() + j), col_values));
+      _mm512_mask_storeu_ps(patch_scores + j, mask, _mm512_add_ps(_mm512_maskz_loadu_ps(mask, patch_scores + j), bias));
+    }
+    return;
+  }
+#endif
+  for (int64_t r = 0; r < height; ++r) {  // one grid row at a time, partial vectors for the rest of a row
     float* segment = scores + prefix + r * width;
     const Vec row_value(row[r * row_stride]);
     for (int64_t c = 0; c < width; c += Vec::size()) {
@@ -148,9 +192,11 @@ std::tuple<at::Tensor, at::Tensor> gaussian_attention(const at::Tensor& query, c
   const Shape s = check_shape(query, key, value, row, col, prefix);
   auto output = at::empty({s.batch, s.seq, s.heads, s.dim}, query.options());
   auto logsumexp = at::empty({s.batch, s.heads, s.seq}, query.options());
+  const KeyLanes lanes = key_lanes(s.height, s.width);
   at::parallel_for(0, s.batch * s.heads * s.blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(s.block * s.ld);
     std::vector<float> sums(s.block);
+    std::vector<float> scratch(s.height + 16);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / (s.heads * s.blocks), h = task / s.blocks % s.heads, start = task % s.blocks * s.block;
       const int64_t len = std::min(s.block, s.seq - start);
@@ -164,7 +210,7 @@ std::tuple<at::Tensor, at::Tensor> gaussian_attention(const at::Tensor& query, c
         const int64_t patch = start + i - prefix;  // negative for prefix queries, whose bias is 0
         if (patch >= 0) {
           add_bias(scores_i, prefix, rows.data + patch * rows.stride, row.stride(3), cols.data + patch * cols.stride,
-                   s.height, s.width);
+                   s.height, s.width, lanes, scratch.data());
         }
         const float max = at::vec::reduce_all<float>(
             [](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, scores_i, s.seq);
@@ -204,8 +250,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gaussian_
   auto grad_row = at::empty(row.sizes(), row.options());
   auto grad_col = at::empty(col.sizes(), col.options());
   const int64_t ldo = s.heads * s.dim;
+  const KeyLanes lanes = key_lanes(s.height, s.width);
   at::parallel_for(0, s.batch * s.heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> probabilities(s.block * s.ld), grad_scores(s.block * s.ld);
+    std::vector<float> probabilities(s.block * s.ld), grad_scores(s.block * s.ld), scratch(s.height + 16);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / s.heads, h = task % s.heads;
       const Slice q = slice(query, b, h), k = slice(key, b, h), v = slice(value, b, h);
@@ -231,7 +278,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gaussian_
           float* ds = grad_scores.data() + i * s.ld;
           const float* row_i = patch >= 0 ? rows.data + patch * rows.stride : nullptr;
           const float* col_i = patch >= 0 ? cols.data + patch * cols.stride : nullptr;
-          if (patch >= 0) add_bias(p, prefix, row_i, row.stride(3), col_i, s.height, s.width);
+          if (patch >= 0) add_bias(p, prefix, row_i, row.stride(3), col_i, s.height, s.width, lanes, scratch.data());
           exponentiate(p, s.seq, lse[t]);
           // dS = P * (dP - D), D = dO . O: the softmax's backward, which is also the bias's gradient.
           const Vec delta(dot(dout + t * ldo, out + t * ldo, s.dim));
@@ -269,7 +316,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gaussian_
 
 }  // namespace
 
-TORCH_LIBRARY(locatvit_cpu, m) {
+TORCH_LIBRARY(LOCATVIT_NAMESPACE, m) {  // one per instruction set: locatvit_cpu_avx512, locatvit_cpu_avx2
   m.def("has_blas() -> bool");
   m.impl("has_blas", c10::DispatchKey::CompositeExplicitAutograd, TORCH_FN(has_blas));
   m.def("gaussian_attention(Tensor query, Tensor key, Tensor value, Tensor row, Tensor col, float scale, "
@@ -293,11 +340,13 @@ _build_lock = threading.Lock()
 
 
 @functools.cache
-def _load() -> object | None:
-    """The kernel's operators (`torch.ops.locatvit_cpu`), built and loaded once; None where they are unavailable."""
-    capability = torch.backends.cpu.get_cpu_capability()
+def _load(capability: str | None = None) -> object | None:
+    """The kernel's operators (`torch.ops.locatvit_cpu_<instruction set>`), built for `capability` (default: this
+    CPU's, as PyTorch reports it) and loaded once; None where they are unavailable."""
+    capability = capability or torch.backends.cpu.get_cpu_capability()
     if os.environ.get("LOCATVIT_CPU_KERNEL", "1") == "0" or capability not in CAPABILITY_FLAGS:
         return None
+    name = f"locatvit_cpu_{capability.lower()}"
     try:
         from torch.utils import cpp_extension
 
@@ -306,14 +355,14 @@ def _load() -> object | None:
         cpp_extension.load_inline(
             f"locatvit_cpu_attention_{capability.lower()}",
             cpp_sources=KERNEL_SOURCE,
-            extra_cflags=flags + CAPABILITY_FLAGS[capability],
+            extra_cflags=[*flags, f"-DLOCATVIT_NAMESPACE={name}", *CAPABILITY_FLAGS[capability]],
             extra_ldflags=["-fopenmp"],
             is_python_module=False,
         )
     except Exception as error:  # no compiler, no ninja, a failed build: the stock path serves
         logger.warning("LocAtViT's fused CPU attention kernel is unavailable (%s); using sdpa with a mask.", error)
         return None
-    operators = torch.ops.locatvit_cpu
+    operators = getattr(torch.ops, name)
     if not operators.has_blas():
         logger.warning("LocAtViT's fused CPU attention kernel found no BLAS in this PyTorch; using sdpa with a mask.")
         return None
