@@ -66,6 +66,15 @@ void gemm(bool transpose_a, bool transpose_b, int64_t m, int64_t n, int64_t k, f
                &cldc);
 }
 
+// A work buffer of at least `size` floats, one per slot and thread, kept for the thread's lifetime (the thread pool's
+// threads persist): fresh buffers of this size would be mapped, faulted in and zeroed on every call (glibc maps
+// blocks above 128 KB afresh), which cost the 224 px forward a few percent.
+float* thread_buffer(int slot, int64_t size) {
+  thread_local std::vector<float> buffers[4];
+  if (static_cast<int64_t>(buffers[slot].size()) < size) buffers[slot].resize(size);
+  return buffers[slot].data();
+}
+
 // Where one (batch, head)'s tensors start, and their row strides.
 struct Slice {
   const float* data;
@@ -194,9 +203,9 @@ std::tuple<at::Tensor, at::Tensor> gaussian_attention(const at::Tensor& query, c
   auto logsumexp = at::empty({s.batch, s.heads, s.seq}, query.options());
   const KeyLanes lanes = key_lanes(s.height, s.width);
   at::parallel_for(0, s.batch * s.heads * s.blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(s.block * s.ld);
-    std::vector<float> sums(s.block);
-    std::vector<float> scratch(s.height + 16);
+    float* scores = thread_buffer(0, s.block * s.ld);
+    float* sums = thread_buffer(1, s.block);
+    float* scratch = thread_buffer(2, s.height + 16);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / (s.heads * s.blocks), h = task / s.blocks % s.heads, start = task % s.blocks * s.block;
       const int64_t len = std::min(s.block, s.seq - start);
@@ -204,13 +213,13 @@ std::tuple<at::Tensor, at::Tensor> gaussian_attention(const at::Tensor& query, c
       const Slice rows = slice(row, b, h), cols = slice(col, b, h);
       float* lse = logsumexp.data_ptr<float>() + (b * s.heads + h) * s.seq + start;
       gemm(false, true, len, s.seq, s.dim, scale, q.data + start * q.stride, q.stride, k.data, k.stride, 0.f,
-           scores.data(), s.ld);
+           scores, s.ld);
       for (int64_t i = 0; i < len; ++i) {
-        float* scores_i = scores.data() + i * s.ld;
+        float* scores_i = scores + i * s.ld;
         const int64_t patch = start + i - prefix;  // negative for prefix queries, whose bias is 0
         if (patch >= 0) {
           add_bias(scores_i, prefix, rows.data + patch * rows.stride, row.stride(3), cols.data + patch * cols.stride,
-                   s.height, s.width, lanes, scratch.data());
+                   s.height, s.width, lanes, scratch);
         }
         const float max = at::vec::reduce_all<float>(
             [](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, scores_i, s.seq);
@@ -219,7 +228,7 @@ std::tuple<at::Tensor, at::Tensor> gaussian_attention(const at::Tensor& query, c
       }
       float* o = output.data_ptr<float>() + (b * s.seq + start) * s.heads * s.dim + h * s.dim;
       const int64_t ldo = s.heads * s.dim;
-      gemm(false, false, len, s.dim, s.seq, 1.f, scores.data(), s.ld, v.data, v.stride, 0.f, o, ldo);
+      gemm(false, false, len, s.dim, s.seq, 1.f, scores, s.ld, v.data, v.stride, 0.f, o, ldo);
       for (int64_t i = 0; i < len; ++i) {  // the softmax's division, on the output's dim values instead of N
         const Vec inverse(1.f / sums[i]);
         float* o_i = o + i * ldo;
@@ -252,7 +261,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gaussian_
   const int64_t ldo = s.heads * s.dim;
   const KeyLanes lanes = key_lanes(s.height, s.width);
   at::parallel_for(0, s.batch * s.heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> probabilities(s.block * s.ld), grad_scores(s.block * s.ld), scratch(s.height + 16);
+    float* probabilities = thread_buffer(0, s.block * s.ld);
+    float* grad_scores = thread_buffer(1, s.block * s.ld);
+    float* scratch = thread_buffer(2, s.height + 16);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / s.heads, h = task % s.heads;
       const Slice q = slice(query, b, h), k = slice(key, b, h), v = slice(value, b, h);
@@ -269,16 +280,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gaussian_
         const int64_t len = std::min(s.block, s.seq - start);
         const float beta = start == 0 ? 0.f : 1.f;  // the first block writes dk and dv, later ones add to them
         gemm(false, true, len, s.seq, s.dim, scale, q.data + start * q.stride, q.stride, k.data, k.stride, 0.f,
-             probabilities.data(), s.ld);
-        gemm(false, true, len, s.seq, s.dim, 1.f, dout + start * ldo, ldo, v.data, v.stride, 0.f, grad_scores.data(),
+             probabilities, s.ld);
+        gemm(false, true, len, s.seq, s.dim, 1.f, dout + start * ldo, ldo, v.data, v.stride, 0.f, grad_scores,
              s.ld);
         for (int64_t i = 0; i < len; ++i) {
           const int64_t t = start + i, patch = t - prefix;
-          float* p = probabilities.data() + i * s.ld;
-          float* ds = grad_scores.data() + i * s.ld;
+          float* p = probabilities + i * s.ld;
+          float* ds = grad_scores + i * s.ld;
           const float* row_i = patch >= 0 ? rows.data + patch * rows.stride : nullptr;
           const float* col_i = patch >= 0 ? cols.data + patch * cols.stride : nullptr;
-          if (patch >= 0) add_bias(p, prefix, row_i, row.stride(3), col_i, s.height, s.width, lanes, scratch.data());
+          if (patch >= 0) add_bias(p, prefix, row_i, row.stride(3), col_i, s.height, s.width, lanes, scratch);
           exponentiate(p, s.seq, lse[t]);
           // dS = P * (dP - D), D = dO . O: the softmax's backward, which is also the bias's gradient.
           const Vec delta(dot(dout + t * ldo, out + t * ldo, s.dim));
@@ -303,10 +314,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gaussian_
             }
           }
         }
-        gemm(true, false, s.seq, s.dim, len, 1.f, probabilities.data(), s.ld, dout + start * ldo, ldo, beta, dv, ldo);
-        gemm(false, false, len, s.dim, s.seq, scale, grad_scores.data(), s.ld, k.data, k.stride, 0.f,
+        gemm(true, false, s.seq, s.dim, len, 1.f, probabilities, s.ld, dout + start * ldo, ldo, beta, dv, ldo);
+        gemm(false, false, len, s.dim, s.seq, scale, grad_scores, s.ld, k.data, k.stride, 0.f,
              dq + start * ldo, ldo);
-        gemm(true, false, s.seq, s.dim, len, scale, grad_scores.data(), s.ld, q.data + start * q.stride, q.stride,
+        gemm(true, false, s.seq, s.dim, len, scale, grad_scores, s.ld, q.data + start * q.stride, q.stride,
              beta, dk, ldo);
       }
     }
