@@ -129,6 +129,16 @@ def test_model_training_with_the_kernel_equals_eager(kernel, image_size, pixels,
     assert_gradients_close(sdpa, eager)
 
 
+def test_second_derivatives_are_refused(kernel):
+    """The backward is not itself differentiable: asking for a gradient of gradients raises instead of being wrong."""
+    inputs = [token_major(1, 17, 1, 16).requires_grad_() for _ in range(3)]
+    inputs += [torch.rand(1, 1, 16, 4, requires_grad=True), torch.rand(1, 1, 16, 4, requires_grad=True)]
+    output = kernel(*inputs, 0.25, NUM_PREFIX_TOKENS)
+    (grad_query,) = torch.autograd.grad(output.square().sum(), inputs[0], create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|double backward|second"):
+        grad_query.sum().backward()
+
+
 def test_kernel_rejects_profiles_of_another_grid(kernel):
     query = token_major(1, 17, 1, 16)
     row, col = torch.rand(1, 1, 16, 4), torch.rand(1, 1, 16, 4)

@@ -21,6 +21,7 @@ import threading
 from collections.abc import Callable
 
 import torch
+from torch.autograd.function import once_differentiable
 
 logger = logging.getLogger(__name__)
 
@@ -393,6 +394,7 @@ class FusedGaussianAttention(torch.autograd.Function):
         return output
 
     @staticmethod
+    @once_differentiable  # the kernel's gradients are not themselves differentiable: say so rather than be wrong
     def backward(ctx, grad_output):
         query, key, value, row, col, output, logsumexp = ctx.saved_tensors
         grads = _load().gaussian_attention_backward(
