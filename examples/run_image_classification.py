@@ -36,6 +36,7 @@ from locatvit_hf.training import (
     LocAtViTTrainer,
     TopKAccuracy,
     checkpoint_to_resume,
+    close_process_group,
     enable_cpu_data_parallel,
     install_gaussian_stats,
     load_locatvit,
@@ -323,3 +324,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     main()
+    close_process_group()
