@@ -57,3 +57,15 @@ def assert_gradients_close(actual: torch.nn.Module, expected: torch.nn.Module, r
             continue
         error = (parameter.grad - reference).norm()
         assert error <= rtol * reference.norm() + 1e-12, f"{name}: {error:.3g} vs norm {reference.norm():.3g}"
+
+
+def assert_same_training_step(actual: torch.nn.Module, expected: torch.nn.Module, pixel_values, labels) -> None:
+    """One loss and backward pass of each model (same weights, different attention paths): equal losses and
+    parameter gradients (`assert_gradients_close`)."""
+    losses = []
+    for model in (actual, expected):
+        loss = model(pixel_values, labels=labels, interpolate_pos_encoding=True).loss
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[0], losses[1])
+    assert_gradients_close(actual, expected)

@@ -12,7 +12,7 @@ from locatvit_hf import LocAtViTForImageClassification, LocAtViTForSemanticSegme
 from locatvit_hf.cpu_attention_locatvit import CAPABILITY_FLAGS, _load, fused_cpu_attention
 from locatvit_hf.modeling_locatvit import NUM_PREFIX_TOKENS, LocAtViTGaussianBias
 
-from .conftest import assert_gradients_close, tiny_config
+from .conftest import assert_same_training_step, tiny_config
 
 BUILDABLE = torch.backends.cpu.get_cpu_capability() in CAPABILITY_FLAGS and shutil.which("c++") is not None
 
@@ -35,6 +35,15 @@ def trained_like_bias(head_dim: int, grid) -> LocAtViTGaussianBias:
         module.strength_proj.weight.normal_(0, 0.5)
         module.strength_proj.bias.uniform_(-1, 2)
     return module.eval()
+
+
+def spread_gaussians(model) -> None:
+    """Variances and strengths of every layer far from their initial 1 and ln 2, so that the bias matters."""
+    for layer in model.locatvit.encoder.layers:
+        gaussian = layer.attention.gaussian_bias
+        with torch.no_grad():
+            gaussian.variance_proj.bias.uniform_(-3, 3)
+            gaussian.strength_proj.bias.uniform_(0, 3)
 
 
 def token_major(batch, seq_len, heads, dim):
@@ -109,24 +118,14 @@ def test_model_training_with_the_kernel_equals_eager(kernel, image_size, pixels,
     config = tiny_config(image_size=image_size)
     sdpa = LocAtViTForSemanticSegmentation._from_config(copy.deepcopy(config), attn_implementation="sdpa").train()
     eager = LocAtViTForSemanticSegmentation._from_config(copy.deepcopy(config), attn_implementation="eager").train()
-    for layer in sdpa.locatvit.encoder.layers:
-        gaussian = layer.attention.gaussian_bias
-        with torch.no_grad():
-            gaussian.variance_proj.bias.uniform_(-3, 3)
-            gaussian.strength_proj.bias.uniform_(0, 3)
+    spread_gaussians(sdpa)
     eager.load_state_dict(sdpa.state_dict())
     if checkpointing:
         for model in (sdpa, eager):
             model.gradient_checkpointing_enable()
     x, labels = torch.randn(2, 3, *pixels), torch.randint(0, 5, (2, *pixels))
     assert sdpa.locatvit.encoder.layers[0].attention.uses_fused_cpu_kernel(torch.zeros(1), 0.0)
-    losses = []
-    for model in (sdpa, eager):
-        loss = model(x, labels=labels, interpolate_pos_encoding=True).loss
-        loss.backward()
-        losses.append(loss.detach())
-    torch.testing.assert_close(losses[0], losses[1])
-    assert_gradients_close(sdpa, eager)
+    assert_same_training_step(sdpa, eager, x, labels)
 
 
 def test_second_derivatives_are_refused(kernel):
@@ -151,11 +150,7 @@ def test_kernel_rejects_profiles_of_another_grid(kernel):
 @pytest.mark.parametrize("model_class", [LocAtViTForImageClassification, LocAtViTForSemanticSegmentation])
 def test_model_outputs_equal_with_and_without_the_kernel(kernel, model_class, monkeypatch):
     model = model_class._from_config(tiny_config(), attn_implementation="sdpa").eval()
-    for layer in model.locatvit.encoder.layers:
-        gaussian = layer.attention.gaussian_bias
-        with torch.no_grad():
-            gaussian.variance_proj.bias.uniform_(-3, 3)
-            gaussian.strength_proj.bias.uniform_(0, 3)
+    spread_gaussians(model)
     pixels = torch.randn(2, 3, 40, 24)  # a non-square grid other than the configured one
     calls = []
     monkeypatch.setattr(modeling, "fused_cpu_attention", lambda: lambda *args: calls.append(1) or kernel(*args))
