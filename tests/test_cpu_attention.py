@@ -77,6 +77,74 @@ def test_kernel_equals_sdpa_with_the_written_bias(kernel, batch, heads, dim, gri
     torch.testing.assert_close(actual, expected.transpose(1, 2), rtol=1e-5, atol=2e-6)
 
 
+def assert_profiles_kernel_equals_the_formula(write_profiles, grid):
+    """`gaussian_profiles_` (inference's profiles in one pass, query-major) against `profiles`, the formula in
+    PyTorch operations: same values within float32 rounding, the same entries flushed to 0 (including a strength
+    past softplus's linear threshold and strengths whose whole profile is flushed), NaN kept where the statistics
+    have one."""
+    module = trained_like_bias(16, grid)
+    seq_len = grid[0] * grid[1] + NUM_PREFIX_TOKENS
+    query = token_major(2, seq_len, 3, 16) * 3
+    with torch.inference_mode():
+        statistics = module.statistics(query)[..., NUM_PREFIX_TOKENS:].clone()
+        statistics[0, 0, 2, :3] = torch.tensor([25.0, -60.0, -200.0])[: statistics.shape[-1]]
+        statistics[1, 2, :, -1] = float("nan")
+        distances = module.query_distances(grid, torch.float32, query.device)
+        expected_row, expected_col = module.profiles(statistics, distances, grid)
+        row, col = torch.empty(expected_row.shape), torch.empty(expected_col.shape)
+        scale = module.variance_scale(grid)
+        table = modeling.grid_distance_table(max(grid), module.min_half_sq_distance, scale, torch.float32, "cpu")
+        write_profiles(row, col, statistics, table, module.eps / scale, modeling.PROFILE_FLOOR, modeling.FLUSH_CLAMP)
+    assert (expected_row == 0).any() or (expected_col == 0).any()  # flushed entries are compared too
+    for actual, expected in ((row, expected_row), (col, expected_col)):
+        assert torch.equal(actual == 0, expected == 0) and torch.equal(actual.isnan(), expected.isnan())
+        assert actual.isnan().any()
+        torch.testing.assert_close(actual, expected, rtol=2e-5, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("grid", [(14, 14), (7, 30), (30, 7), (32, 32), (1, 5)])
+def test_profiles_kernel_equals_the_formula(kernel, grid):
+    assert_profiles_kernel_equals_the_formula(modeling.fused_cpu_profiles(), grid)
+
+
+def test_model_inference_writes_profiles_with_the_kernel(kernel, monkeypatch):
+    """Inference on CPU in float32 takes its profiles from `gaussian_profiles_`, into the encoder's reused
+    buffers; the model's outputs equal those with the profiles from the formula."""
+    model = LocAtViTForImageClassification._from_config(tiny_config(), attn_implementation="sdpa").eval()
+    spread_gaussians(model)
+    pixels = torch.randn(2, 3, 40, 24)
+    calls = []
+    profiles_kernel = modeling.fused_cpu_profiles()
+    monkeypatch.setattr(
+        modeling, "fused_cpu_profiles", lambda: lambda *args: calls.append(1) or profiles_kernel(*args)
+    )
+    with torch.inference_mode():
+        fused = model(pixels, interpolate_pos_encoding=True).logits
+    assert len(calls) == model.config.num_hidden_layers
+    monkeypatch.setattr(modeling, "fused_cpu_profiles", lambda: None)
+    with torch.inference_mode():
+        formula = model(pixels, interpolate_pos_encoding=True).logits
+    torch.testing.assert_close(fused, formula, rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_reads_strided_profiles(kernel):
+    """The attention takes profiles of any layout (here queries last, as the formula computes them): the same
+    output and gradients as from contiguous copies."""
+    grid, dim = (6, 9), 16
+    seq_len = grid[0] * grid[1] + NUM_PREFIX_TOKENS
+    query, key, value = (token_major(2, seq_len, 2, dim) for _ in range(3))
+    lines = torch.rand(2, 2, 2, max(grid), seq_len - 1)
+    strided = lines[:, :, 0, : grid[0]].transpose(-1, -2), lines[:, :, 1, : grid[1]].transpose(-1, -2)
+    contiguous = tuple(t.contiguous() for t in strided)
+    results = []
+    for row, col in (strided, contiguous):
+        inputs = [t.detach().requires_grad_() for t in (query, key, value, row, col)]
+        output = kernel(*inputs, dim**-0.5, NUM_PREFIX_TOKENS)
+        results.append((output, *torch.autograd.grad(output.square().sum(), inputs)))
+    for actual, expected in zip(*results):
+        torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+
+
 def written_bias_attention(query, key, value, row, col, scale):
     """The reference: the bias written out from its profiles (padded with the prefix's zero rows and columns) and
     plain autograd through matmul, softmax and matmul."""
@@ -187,7 +255,8 @@ def test_environment_switch_turns_the_kernel_off(monkeypatch):
 @pytest.mark.parametrize("grid", [(14, 14), (30, 7)])
 def test_avx2_build_equals_the_reference(kernel, grid):
     """The build for AVX2 CPUs (which this machine can run, if it is the AVX-512 one) has no vectors of 16 keys: its
-    bias is added one grid row at a time. Forward and backward operators against autograd through the formula."""
+    bias is added one grid row at a time. Forward and backward operators against autograd through the formula, and
+    its profiles against the formula's."""
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         pytest.skip("the CPU does not run AVX2 code")
     operators = _load("AVX2")
@@ -204,3 +273,4 @@ def test_avx2_build_equals_the_reference(kernel, grid):
     grads = operators.gaussian_attention_backward(weight, *inputs, output, logsumexp, dim**-0.5, NUM_PREFIX_TOKENS)
     for name, actual, reference in zip(["query", "key", "value", "row", "col"], grads, expected_grads):
         assert (actual - reference).norm() <= 1e-5 * reference.norm(), name
+    assert_profiles_kernel_equals_the_formula(operators.gaussian_profiles_, grid)

@@ -347,7 +347,9 @@ def test_inference_reuses_one_bias_buffer(fused_kernel, monkeypatch):
         pointers = {key: buffer.data_ptr() for key, buffer in workspace._buffers.items()}
         model(torch.randn(2, 3, 32, 32))
         again = model(x).last_hidden_state
-    expected = ["profiles"] if modeling.fused_cpu_attention() is not None else ["bias", "profiles"]
+    # The kernel writes its profiles into two query-major buffers, the formula into one (2, S, P) exponent.
+    profiles = ["column profiles", "row profiles"] if modeling.fused_cpu_profiles() is not None else ["profiles"]
+    expected = profiles if modeling.fused_cpu_attention() is not None else ["bias", *profiles]
     assert sorted(purpose for _, purpose in pointers) == expected
     assert {k: b.data_ptr() for k, b in workspace._buffers.items()} == pointers
     torch.testing.assert_close(again, first, rtol=0, atol=0)

@@ -7,7 +7,8 @@ scores from one matrix product, the bias is added from the (H + W) profile value
 in the core's cache, the softmax follows in the same pass, and a second product writes the output straight into the
 token-major layout the output projection reads. The backward pass recomputes the probabilities from one log-sum-exp
 per query, block by block, and reduces the bias gradient to the profiles in the same pass. Nothing of size N x N is
-kept or leaves the cache.
+kept or leaves the cache. For inference, a second operator computes the profiles themselves from the variance and
+strength maps' outputs in one pass (the formula in PyTorch takes a dozen elementwise operations).
 
 Compiled on first use with `torch.utils.cpp_extension` (needs a C++ compiler and ninja, about 30 s, cached per
 machine) for x86 CPUs with AVX2 or AVX-512; elsewhere, or if the build fails, or with `LOCATVIT_CPU_KERNEL=0` in the
@@ -110,35 +111,68 @@ KeyLanes key_lanes(int64_t height, int64_t width) {
   return lanes;
 }
 
+// One patch query's profiles, copied to contiguous memory: the row profile (height values) at `row`, the column
+// profile (width values) at `col`, each followed by 16 spare floats for vector loads past its end. The profiles
+// given to the kernel may be strided views: inference reads them queries-last, as they are computed, without a copy.
+struct QueryProfiles {
+  float* row;
+  float* col;
+};
+
+QueryProfiles gather_profiles(const at::Tensor& row, const at::Tensor& col, int64_t b, int64_t h, int64_t patch,
+                              float* scratch) {
+  const int64_t height = row.size(3), width = col.size(3);
+  const float* row_values = row.data_ptr<float>() + b * row.stride(0) + h * row.stride(1) + patch * row.stride(2);
+  const float* col_values = col.data_ptr<float>() + b * col.stride(0) + h * col.stride(1) + patch * col.stride(2);
+  QueryProfiles profiles{scratch, scratch + height + 16};
+  for (int64_t r = 0; r < height; ++r) profiles.row[r] = row_values[r * row.stride(3)];
+  for (int64_t c = 0; c < width; ++c) profiles.col[c] = col_values[c * col.stride(3)];
+  return profiles;
+}
+
 // Adds the Gaussian bias row[r] * col[c] to one query's scores of the patch keys (those after the prefix, at grid
-// row r, column c). `scratch` holds at least height + 16 floats.
-void add_bias(float* scores, int64_t prefix, const float* row, int64_t row_stride, const float* col, int64_t height,
-              int64_t width, const KeyLanes& lanes, float* scratch) {
+// row r, column c) and returns their largest biased score (the softmax's shift, found while they are in registers
+// rather than in another pass).
+float add_bias(float* scores, int64_t prefix, const QueryProfiles& profiles, int64_t height, int64_t width,
+               const KeyLanes& lanes) {
+  constexpr float lowest = -std::numeric_limits<float>::infinity();
+  const float* row = profiles.row;
+  const float* col = profiles.col;
 #if defined(CPU_CAPABILITY_AVX512)
   if (!lanes.rows.empty()) {
-    for (int64_t r = 0; r < height; ++r) scratch[r] = row[r * row_stride];  // the row profile, contiguous
     const __m512 col_values = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << width) - 1), col);
     const int64_t patches = height * width;
     float* patch_scores = scores + prefix;
+    __m512 peak = _mm512_set1_ps(lowest);
     for (int64_t j = 0; j < patches; j += 16) {
       const __mmask16 mask = patches - j >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (patches - j)) - 1);
-      const __m512 row_values = _mm512_loadu_ps(scratch + j / width);
+      const __m512 row_values = _mm512_loadu_ps(row + j / width);
       const __m512 bias =
           _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_loadu_si512(lanes.rows.data() + j), row_values),
                         _mm512_permutexvar_ps(_mm512_loadu_si512(lanes.cols.data() + j), col_values));
-      _mm512_mask_storeu_ps(patch_scores + j, mask, _mm512_add_ps(_mm512_maskz_loadu_ps(mask, patch_scores + j), bias));
+      const __m512 biased = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, patch_scores + j), bias);
+      _mm512_mask_storeu_ps(patch_scores + j, mask, biased);
+      peak = _mm512_mask_max_ps(peak, mask, peak, biased);
     }
-    return;
+    return _mm512_reduce_max_ps(peak);
   }
 #endif
+  Vec peak(lowest);
   for (int64_t r = 0; r < height; ++r) {  // one grid row at a time, partial vectors for the rest of a row
     float* segment = scores + prefix + r * width;
-    const Vec row_value(row[r * row_stride]);
+    const Vec row_value(row[r]);
     for (int64_t c = 0; c < width; c += Vec::size()) {
       const int64_t count = std::min<int64_t>(Vec::size(), width - c);
-      at::vec::fmadd(row_value, Vec::loadu(col + c, count), Vec::loadu(segment + c, count)).store(segment + c, count);
+      const Vec biased = at::vec::fmadd(row_value, Vec::loadu(col + c, count), Vec::loadu(segment + c, count));
+      biased.store(segment + c, count);
+      peak = at::vec::maximum(peak, count == Vec::size() ? biased : Vec::set(Vec(lowest), biased, count));
     }
   }
+  return at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, peak);
+}
+
+float largest(const float* scores, int64_t n) {
+  return at::vec::reduce_all<float>([](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, scores, n);
 }
 
 // exp(scores - shift) in place; returns the sum of the exponentials.
@@ -174,8 +208,8 @@ Shape check_shape(const at::Tensor& query, const at::Tensor& key, const at::Tens
   for (const auto* t : {&query, &key, &value, &row, &col}) {
     TORCH_CHECK(t->dim() == 4 && t->scalar_type() == at::kFloat && t->device().is_cpu(), "float32 CPU tensors");
   }
-  TORCH_CHECK(query.stride(3) == 1 && key.stride(3) == 1 && value.stride(3) == 1 && col.stride(3) == 1,
-              "query, key, value and col need a unit stride in their last dimension");
+  TORCH_CHECK(query.stride(3) == 1 && key.stride(3) == 1 && value.stride(3) == 1,
+              "query, key and value need a unit stride in their last dimension");
   Shape s{query.size(0), query.size(1), query.size(2), query.size(3), row.size(3), col.size(3), prefix, 0, 0, 0};
   TORCH_CHECK(s.height * s.width + prefix == s.seq && row.size(2) == s.seq - prefix && col.size(2) == s.seq - prefix,
               "the profiles do not match the sequence");
@@ -206,24 +240,21 @@ std::tuple<at::Tensor, at::Tensor> gaussian_attention(const at::Tensor& query, c
   at::parallel_for(0, s.batch * s.heads * s.blocks, 1, [&](int64_t begin, int64_t end) {
     float* scores = thread_buffer(0, s.block * s.ld);
     float* sums = thread_buffer(1, s.block);
-    float* scratch = thread_buffer(2, s.height + 16);
+    float* scratch = thread_buffer(2, s.height + s.width + 32);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / (s.heads * s.blocks), h = task / s.blocks % s.heads, start = task % s.blocks * s.block;
       const int64_t len = std::min(s.block, s.seq - start);
       const Slice q = slice(query, b, h), k = slice(key, b, h), v = slice(value, b, h);
-      const Slice rows = slice(row, b, h), cols = slice(col, b, h);
       float* lse = logsumexp.data_ptr<float>() + (b * s.heads + h) * s.seq + start;
       gemm(false, true, len, s.seq, s.dim, scale, q.data + start * q.stride, q.stride, k.data, k.stride, 0.f,
            scores, s.ld);
       for (int64_t i = 0; i < len; ++i) {
         float* scores_i = scores + i * s.ld;
         const int64_t patch = start + i - prefix;  // negative for prefix queries, whose bias is 0
-        if (patch >= 0) {
-          add_bias(scores_i, prefix, rows.data + patch * rows.stride, row.stride(3), cols.data + patch * cols.stride,
-                   s.height, s.width, lanes, scratch);
-        }
-        const float max = at::vec::reduce_all<float>(
-            [](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, scores_i, s.seq);
+        float max = patch >= 0 ? add_bias(scores_i, prefix, gather_profiles(row, col, b, h, patch, scratch),
+                                          s.height, s.width, lanes)
+                               : largest(scores_i + prefix, s.seq - prefix);
+        for (int64_t j = 0; j < prefix; ++j) max = std::max(max, scores_i[j]);
         sums[i] = exponentiate(scores_i, s.seq, max);
         lse[i] = max + std::log(sums[i]);
       }
@@ -264,11 +295,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gaussian_
   at::parallel_for(0, s.batch * s.heads, 1, [&](int64_t begin, int64_t end) {
     float* probabilities = thread_buffer(0, s.block * s.ld);
     float* grad_scores = thread_buffer(1, s.block * s.ld);
-    float* scratch = thread_buffer(2, s.height + 16);
+    float* scratch = thread_buffer(2, s.height + s.width + 32);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / s.heads, h = task % s.heads;
       const Slice q = slice(query, b, h), k = slice(key, b, h), v = slice(value, b, h);
-      const Slice rows = slice(row, b, h), cols = slice(col, b, h);
       const float* lse = logsumexp.data_ptr<float>() + (b * s.heads + h) * s.seq;
       const float* dout = grad_output.data_ptr<float>() + b * s.seq * ldo + h * s.dim;
       const float* out = output.data_ptr<float>() + b * s.seq * ldo + h * s.dim;
@@ -288,9 +318,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gaussian_
           const int64_t t = start + i, patch = t - prefix;
           float* p = probabilities + i * s.ld;
           float* ds = grad_scores + i * s.ld;
-          const float* row_i = patch >= 0 ? rows.data + patch * rows.stride : nullptr;
-          const float* col_i = patch >= 0 ? cols.data + patch * cols.stride : nullptr;
-          if (patch >= 0) add_bias(p, prefix, row_i, row.stride(3), col_i, s.height, s.width, lanes, scratch);
+          const QueryProfiles profiles = patch >= 0 ? gather_profiles(row, col, b, h, patch, scratch) : QueryProfiles{};
+          if (patch >= 0) add_bias(p, prefix, profiles, s.height, s.width, lanes);
           exponentiate(p, s.seq, lse[t]);
           // dS = P * (dP - D), D = dO . O: the softmax's backward, which is also the bias's gradient.
           const Vec delta(dot(dout + t * ldo, out + t * ldo, s.dim));
@@ -306,8 +335,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gaussian_
           std::fill(dcol_i, dcol_i + s.width, 0.f);
           for (int64_t r = 0; r < s.height; ++r) {
             const float* segment = ds + prefix + r * s.width;
-            drow_i[r] = dot(segment, col_i, s.width);
-            const Vec row_value(row_i[r * row.stride(3)]);
+            drow_i[r] = dot(segment, profiles.col, s.width);
+            const Vec row_value(profiles.row[r]);
             for (int64_t c = 0; c < s.width; c += Vec::size()) {
               const int64_t count = std::min<int64_t>(Vec::size(), s.width - c);
               at::vec::fmadd(row_value, Vec::loadu(segment + c, count), Vec::loadu(dcol_i + c, count))
@@ -326,6 +355,72 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gaussian_
   return {grad_query, grad_key, grad_value, grad_row, grad_col};
 }
 
+// The Gaussian's profiles for inference, in one pass instead of a dozen elementwise operations (each a pass over
+// memory and a dispatch), written query-major, as the attention reads them: for every (batch, head) and patch query
+// q at grid row r_q, column c_q,
+//   row[b, h, q, r] = flushed exp(distances[r_q, r] / (sigmoid(statistics[b, h, 0, q]) + eps) + log(alpha_q)),
+//   col[b, h, q, c] = flushed exp(distances[c_q, c] / (sigmoid(statistics[b, h, 1, q]) + eps)),
+// alpha_q = max(softplus(statistics[b, h, 2, q]), floor), the exponent clamped at `clamp` and values not above `floor`
+// flushed to 0: `LocAtViTGaussianBias.profiles` without a gradient, with PyTorch's own vectorized functions.
+// row (batch, heads, Q, H) and col (batch, heads, Q, W) contiguous, Q = H * W; statistics (batch, heads, 3, Q), any
+// strides; distances (S, S) contiguous, S >= H, W: the clamped, scaled -0.5 * squared distance between grid lines
+// (`grid_distance_table`), whose row r_q holds a query's distances to all lines.
+void gaussian_profiles_(const at::Tensor& row, const at::Tensor& col, const at::Tensor& statistics,
+                        const at::Tensor& distances, double eps, double floor, double clamp) {
+  for (const auto* t : {&row, &col, &statistics, &distances}) {
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->device().is_cpu(), "float32 CPU tensors");
+  }
+  TORCH_CHECK(row.dim() == 4 && col.dim() == 4 && statistics.dim() == 4 && distances.dim() == 2 &&
+                  row.is_contiguous() && col.is_contiguous() && distances.is_contiguous(),
+              "contiguous row (batch, heads, Q, H), col (batch, heads, Q, W) and distances (S, S)");
+  const int64_t batch = row.size(0), heads = row.size(1), queries = row.size(2), side = distances.size(0);
+  const int64_t height = row.size(3), width = col.size(3);
+  TORCH_CHECK(col.size(0) == batch && col.size(1) == heads && col.size(2) == queries && queries == height * width &&
+                  statistics.size(0) == batch && statistics.size(1) == heads && statistics.size(2) == 3 &&
+                  statistics.size(3) == queries && distances.size(1) == side && height <= side && width <= side,
+              "row, col, statistics and distances do not match");
+  const Vec one(1.f), zero(0.f), vfloor(static_cast<float>(floor)), vclamp(static_cast<float>(clamp));
+  const float* table = distances.data_ptr<float>();
+  // exp(max(distance / denominator + offset, clamp)) over n lines, flushed (NaN stays NaN).
+  auto profile = [&](const float* distance, float denominator, float offset, float* out, int64_t n) {
+    for (int64_t line = 0; line < n; line += Vec::size()) {
+      const int64_t count = std::min<int64_t>(Vec::size(), n - line);
+      const Vec exponent = Vec::loadu(distance + line, count) / Vec(denominator) + Vec(offset);
+      const Vec value = at::vec::maximum(exponent, vclamp).exp();
+      Vec::blendv(value, zero, value <= vfloor).store(out + line, count);
+    }
+  };
+  at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
+    float* terms = thread_buffer(3, 3 * queries);  // per query: row and column denominators, log(alpha)
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / heads, h = task % heads;
+      const float* stats = statistics.data_ptr<float>() + b * statistics.stride(0) + h * statistics.stride(1);
+      for (int64_t k = 0; k < 3; ++k) {
+        for (int64_t q = 0; q < queries; ++q) terms[k * queries + q] = stats[k * statistics.stride(2) + q * statistics.stride(3)];
+      }
+      for (int64_t q = 0; q < queries; q += Vec::size()) {  // the per-query terms, vectorized over queries
+        const int64_t count = std::min<int64_t>(Vec::size(), queries - q);
+        for (int64_t k = 0; k < 2; ++k) {  // sigmoid(x) + eps
+          float* term = terms + k * queries + q;
+          ((one + (zero - Vec::loadu(term, count)).exp()).reciprocal() + Vec(static_cast<float>(eps))).store(term, count);
+        }
+        float* term = terms + 2 * queries + q;
+        const Vec x = Vec::loadu(term, count);
+        const Vec softplus = Vec::blendv(x.exp().log1p(), x, x > Vec(20.f));
+        at::vec::maximum(softplus, vfloor).log().store(term, count);
+      }
+      float* row_out = row.data_ptr<float>() + task * queries * height;
+      float* col_out = col.data_ptr<float>() + task * queries * width;
+      for (int64_t q = 0; q < queries; ++q) {  // the profiles, vectorized over grid lines
+        const float* row_distances = table + q / width * side;
+        const float* col_distances = table + q % width * side;
+        profile(row_distances, terms[q], terms[2 * queries + q], row_out + q * height, height);
+        profile(col_distances, terms[queries + q], 0.f, col_out + q * width, width);
+      }
+    }
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY(LOCATVIT_NAMESPACE, m) {  // one per instruction set: locatvit_cpu_avx512, locatvit_cpu_avx2
@@ -338,6 +433,9 @@ TORCH_LIBRARY(LOCATVIT_NAMESPACE, m) {  // one per instruction set: locatvit_cpu
         "Tensor col, Tensor output, Tensor logsumexp, float scale, int prefix) -> (Tensor, Tensor, Tensor, Tensor, "
         "Tensor)");
   m.impl("gaussian_attention_backward", c10::DispatchKey::CPU, TORCH_FN(gaussian_attention_backward));
+  m.def("gaussian_profiles_(Tensor(a!) row, Tensor(b!) col, Tensor statistics, Tensor distances, float eps, "
+        "float floor, float clamp) -> ()");
+  m.impl("gaussian_profiles_", c10::DispatchKey::CPU, TORCH_FN(gaussian_profiles_));
 }
 """
 
@@ -415,3 +513,12 @@ def fused_cpu_attention() -> Callable | None:
     """`gaussian_attention`, or None where the kernel is unavailable (built on the first call)."""
     with _build_lock:
         return gaussian_attention if _load() is not None else None
+
+
+def fused_cpu_profiles() -> Callable | None:
+    """The kernel's `gaussian_profiles_(row, col, statistics, distances, eps, floor, clamp)`: the Gaussian's profiles
+    without a gradient, written into `row` and `col` in one pass (float32 CPU tensors); None where the kernel is
+    unavailable."""
+    with _build_lock:
+        operators = _load()
+    return operators.gaussian_profiles_ if operators is not None else None

@@ -30,7 +30,7 @@ from transformers.utils.generic import can_return_tuple, merge_with_config_defau
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_locatvit import LocAtViTConfig
-from .cpu_attention_locatvit import fused_cpu_attention
+from .cpu_attention_locatvit import fused_cpu_attention, fused_cpu_profiles
 
 NUM_PREFIX_TOKENS = 1  # the CLS token
 # Profile values below this are set to 0, so that the product of two profiles is 0 or a normal float32: the bias then
@@ -202,24 +202,34 @@ class SeparableBiasWriter(torch.autograd.Function):
 
 
 @functools.lru_cache(maxsize=16)
+def grid_distance_table(
+    side: int, floor: float, scale: float, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """Clamped -0.5 * squared distances between the lines (rows or columns) 0..side-1 of a grid, divided by the
+    variances' `scale`: a symmetric (side, side) table, computed in float64 and rounded once to `dtype` (on CPU: not
+    every accelerator has float64). Built outside inference mode, so that tables first made by an inference call also
+    serve training."""
+    with torch.inference_mode(False):
+        positions = torch.arange(side, dtype=torch.float64)
+        table = (-0.5 * (positions[:, None] - positions[None, :]) ** 2).clamp(min=floor) / scale
+        return table.to(dtype).to(device)
+
+
+@functools.lru_cache(maxsize=16)
 def query_distance_tables(
     height: int, width: int, floor: float, scale: float, dtype: torch.dtype, device: torch.device
 ) -> torch.Tensor:
-    """Clamped -0.5 * squared distances from every patch (row-major) to each grid row and column, divided by the
-    variances' `scale` (in float64, then rounded once to `dtype`), stacked as one (2, S, P) table, S = max(H, W):
-    [0, r, i] to row r, [1, c, i] to column c (entries past H or W are padding, never read). Stacked so that both
-    profiles come from one broadcast expression, and queries last, so that it runs over contiguous rows of queries
-    (a grid's 14 rows or columns are too short for vectorized loops).
+    """`grid_distance_table` from every patch (row-major) to each grid row and column, stacked as one (2, S, P)
+    table, S = max(H, W): [0, r, i] to row r, [1, c, i] to column c (entries past H or W are padding, never read).
+    Stacked so that both profiles come from one broadcast expression, and queries last, so that it runs over
+    contiguous rows of queries (a grid's 14 rows or columns are too short for vectorized loops).
 
-    Cached for the few grid sizes a run meets; shared by all layers, whose constants are the same. Built outside
-    inference mode, so that tables first made by an inference call also serve training."""
+    Cached for the few grid sizes a run meets; shared by all layers, whose constants are the same."""
     with torch.inference_mode(False):
-        side = max(height, width)
-        positions = torch.arange(side, dtype=torch.float64)  # on CPU: not every accelerator has float64
-        table = (-0.5 * (positions[:, None] - positions[None, :]) ** 2).clamp(min=floor) / scale  # (S, S)
-        rows = torch.arange(height).repeat_interleave(width)
-        cols = torch.arange(width).repeat(height)
-        return torch.stack((table[:, rows], table[:, cols])).to(device=device, dtype=dtype)
+        table = grid_distance_table.__wrapped__(max(height, width), floor, scale, dtype, device)
+        rows = torch.arange(height, device=device).repeat_interleave(width)
+        cols = torch.arange(width, device=device).repeat(height)
+        return torch.stack((table[:, rows], table[:, cols]))
 
 
 def new_bias_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -247,7 +257,8 @@ class BiasWorkspace:
     """The buffers that all layers of an encoder reuse for what no layer keeps after its attention ran.
 
     Without a gradient that is the (…, N, N) bias itself (`"bias"`, from `new_bias_buffer`) and the profiles'
-    exponent it is computed from (`"profiles"`); in training (`SeparableBiasAttention` on CPU, `EfficientBiasAttention`
+    exponent it is computed from (`"profiles"`), or, from the fused CPU kernel, the profiles themselves (`"row
+    profiles"`, `"column profiles"`); in training (`SeparableBiasAttention` on CPU, `EfficientBiasAttention`
     on CUDA) the bias of each chunk (`chunk_biases`), and on CPU the scores and their gradient of short sequences
     (`"scores"`, `"grad_scores"`, contiguous).
     Reused across layers and calls, they cost their writes only, not a fresh allocation per layer (on CPU, large
@@ -383,17 +394,32 @@ class LocAtViTGaussianBias(nn.Module):
 
     def patch_profiles(self, query: torch.Tensor, grid_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Row (batch, heads, P, H) and column (batch, heads, P, W) profiles of every patch query: the bias of patch
-        query i and patch key j = (r, c) is row[i, r] * col[i, c]. Without a gradient (and with a workspace), the
-        row profiles are a view of a reused buffer, valid until the next layer's call."""
+        query i and patch key j = (r, c) is row[i, r] * col[i, c]. Without a gradient (and with a workspace), they
+        are (views of) reused buffers, valid until the next layer's call; on CPU in float32 the fused kernel's
+        `gaussian_profiles_` computes them in one pass."""
         if self.training and self.pools_queries_in_training:
             return self._pooled_profiles(query[:, :, NUM_PREFIX_TOKENS:], grid_size)
         statistics = self.statistics(query)[..., NUM_PREFIX_TOKENS:]
+        if not self.uses_workspace():
+            return self.profiles(
+                statistics, self.query_distances(grid_size, statistics.dtype, query.device), grid_size
+            )
+        batch, heads, seq_len, _ = query.shape
+        patches, (height, width) = seq_len - NUM_PREFIX_TOKENS, grid_size
+        on_cpu = statistics.device.type == "cpu" and statistics.dtype == torch.float32
+        write_profiles = fused_cpu_profiles() if on_cpu else None
+        if write_profiles is not None:
+            row = self.workspace.get("row profiles", (batch, heads, patches, height), statistics.dtype, query.device)
+            col = self.workspace.get("column profiles", (batch, heads, patches, width), statistics.dtype, query.device)
+            scale = self.variance_scale(grid_size)
+            distances = grid_distance_table(
+                max(grid_size), self.min_half_sq_distance, scale, torch.float32, query.device
+            )
+            write_profiles(row, col, statistics, distances, self.eps / scale, PROFILE_FLOOR, FLUSH_CLAMP)
+            return row, col
         distances = self.query_distances(grid_size, statistics.dtype, query.device)
-        out = None
-        if self.uses_workspace():
-            batch, heads, seq_len, _ = query.shape
-            shape = (batch, heads, *distances.shape[:2], seq_len - NUM_PREFIX_TOKENS)
-            out = self.workspace.get("profiles", shape, statistics.dtype, query.device)
+        shape = (batch, heads, *distances.shape[:2], patches)
+        out = self.workspace.get("profiles", shape, statistics.dtype, query.device)
         return self.profiles(statistics, distances, grid_size, out)
 
     def forward(self, query: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
