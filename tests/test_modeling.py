@@ -72,6 +72,22 @@ def test_last_hidden_state_is_refined_normed_last_block():
     torch.testing.assert_close(outputs.last_hidden_state, plain.layernorm(outputs.hidden_states[-1]))
 
 
+def test_classifier_refines_only_the_class_token():
+    """The classifier's PRR refines the CLS token alone (`LocAtViTModel.pool`): the same logits and gradients as
+    the classifier on the base model's `pooler_output` (PRR of every token, then its CLS row); outputs as tuples."""
+    model = LocAtViTForImageClassification(tiny_config()).train()
+    x = pixels()
+    logits = model(x).logits
+    reference = model.classifier(model.locatvit(x).pooler_output)
+    torch.testing.assert_close(logits, reference)
+    weights = torch.randn_like(logits)
+    grads = [torch.autograd.grad((out * weights).sum(), list(model.parameters())) for out in (logits, reference)]
+    for actual, expected in zip(*grads):
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+    as_tuple = model.eval()(x, labels=torch.tensor([0, 1]), output_hidden_states=True, return_dict=False)
+    assert as_tuple[0].ndim == 0 and as_tuple[1].shape == (2, 5) and len(as_tuple[2]) == 3
+
+
 def test_attentions_with_eager():
     config = tiny_config()
     model = LocAtViTForImageClassification._from_config(config, attn_implementation="eager").eval()

@@ -26,7 +26,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, auto_docstring
-from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
+from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_locatvit import LocAtViTConfig
@@ -1000,11 +1000,14 @@ class LocAtViTPatchRefinement(nn.Module):
         super().__init__()
         self.num_heads = config.num_attention_heads
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, num_queries: int | None = None) -> torch.Tensor:
+        """Refines the first `num_queries` tokens (default: all), each attending to every token: the classifier reads
+        only the CLS token, whose refinement alone costs one query's attention instead of N."""
         batch, seq_len, channels = hidden_states.shape
         heads = hidden_states.view(batch, seq_len, self.num_heads, channels // self.num_heads).transpose(1, 2)
-        refined = F.scaled_dot_product_attention(heads, heads, heads)
-        return refined.transpose(1, 2).reshape(batch, seq_len, channels)
+        queries = heads if num_queries is None else heads[:, :, :num_queries]
+        refined = F.scaled_dot_product_attention(queries, heads, heads)
+        return refined.transpose(1, 2).reshape(batch, queries.shape[2], channels)
 
 
 def check_pixel_values(pixel_values: torch.Tensor | None, config: LocAtViTConfig) -> None:
@@ -1236,6 +1239,14 @@ class LocAtViTModel(LocAtViTPreTrainedModel):
             sequence_output = self.refinement(sequence_output)
         return BaseModelOutputWithPooling(last_hidden_state=sequence_output, pooler_output=sequence_output[:, 0])
 
+    def pool(self, last_block: torch.Tensor) -> torch.Tensor:
+        """`pooler_output` from the last block's output: the CLS token of PRR(LayerNorm(last block)), refined alone
+        (PRR of the N - 1 patch tokens, which no classifier reads, is most of PRR's cost)."""
+        sequence_output = self.layernorm(last_block)
+        if self.refinement is None:
+            return sequence_output[:, 0]
+        return self.refinement(sequence_output, num_queries=1)[:, 0]
+
 
 @auto_docstring(
     custom_intro="""
@@ -1250,7 +1261,8 @@ class LocAtViTForImageClassification(LocAtViTPreTrainedModel):
         self.classifier = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
         self.post_init()
 
-    @can_return_tuple
+    @merge_with_config_defaults
+    @capture_outputs(tie_last_hidden_states=False)
     @auto_docstring
     def forward(
         self,
@@ -1264,17 +1276,15 @@ class LocAtViTForImageClassification(LocAtViTPreTrainedModel):
             Class indices in `[0, config.num_labels)` (single-label), multi-hot floats of shape
             `(batch_size, num_labels)` (multi-label) or regression targets, as in `ViTForImageClassification`.
         """
-        outputs: BaseModelOutputWithPooling = self.locatvit(
-            pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **kwargs
-        )
-        logits = self.classifier(outputs.pooler_output)
+        # Through `pool` rather than the base model's forward: only the CLS token is refined (hidden states and
+        # attentions are recorded here, as they would be there).
+        last_block, _ = self.locatvit.forward_features(pixel_values, interpolate_pos_encoding, **kwargs)
+        logits = self.classifier(self.locatvit.pool(last_block))
         loss = None
         if labels is not None:
             check_classification_labels(labels, logits, self.config)
             loss = self.loss_function(labels, logits, self.config, **kwargs)
-        return ImageClassifierOutput(
-            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
-        )
+        return ImageClassifierOutput(loss=loss, logits=logits)
 
 
 def check_classification_labels(labels: torch.Tensor, logits: torch.Tensor, config: LocAtViTConfig) -> None:
