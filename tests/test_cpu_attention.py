@@ -172,6 +172,19 @@ def test_kernel_gradients_equal_autograd_through_the_written_bias(kernel, batch,
         assert (actual - expected).norm() <= 1e-5 * expected.norm(), name
 
 
+@pytest.mark.parametrize("batch, heads, dim, grid", [(2, 2, 8, (3, 4)), (1, 1, 16, (4, 3)), (1, 2, 4, (2, 5))])
+def test_kernel_gradients_pass_gradcheck_in_float64(kernel, batch, heads, dim, grid):
+    """The fast bias's gradients in float64 (the kernel runs in float64 too, for this check): numerical gradients of
+    every input, the profiles included (their gradients are reduced from the bias gradient inside the kernel),
+    against its backward."""
+    seq_len = grid[0] * grid[1] + NUM_PREFIX_TOKENS
+    inputs = [token_major(batch, seq_len, heads, dim).double() for _ in range(3)]
+    inputs += [torch.rand(batch, heads, seq_len - 1, grid[0], dtype=torch.float64) * 3]
+    inputs += [torch.rand(batch, heads, seq_len - 1, grid[1], dtype=torch.float64)]
+    inputs = [t.requires_grad_() for t in inputs]
+    assert torch.autograd.gradcheck(lambda *args: kernel(*args, dim**-0.5, NUM_PREFIX_TOKENS), inputs)
+
+
 @pytest.mark.parametrize(
     "image_size, pixels, checkpointing",
     [
