@@ -107,6 +107,33 @@ def test_profiles_kernel_equals_the_formula(kernel, grid):
     assert_profiles_kernel_equals_the_formula(modeling.fused_cpu_profiles(), grid)
 
 
+@pytest.mark.parametrize("grid", [(4, 4), (3, 5), (14, 14), (6, 2)])
+def test_profiles_kernel_gradient_equals_autograd_through_the_formula(kernel, grid):
+    """`gaussian_profiles_backward` (the statistics' gradient in one pass, used in training) against float64
+    autograd through `profiles`, with flushed entries, a strength past softplus's linear threshold and one whose
+    profile is flushed whole."""
+    from locatvit_hf.cpu_attention_locatvit import gaussian_profiles
+
+    module = trained_like_bias(16, grid)
+    height, width = grid
+    torch.manual_seed(0)
+    statistics = torch.randn(2, 3, 3, height * width) * 2
+    statistics[0, 0, 2, :3] = torch.tensor([25.0, -60.0, -200.0])
+    statistics[0, 1, 0, :2] = torch.tensor([-12.0, 9.0])
+    single, double = statistics.clone().requires_grad_(), statistics.double().requires_grad_()
+    scale = module.variance_scale(grid)
+    table = modeling.grid_distance_table(max(grid), module.min_half_sq_distance, scale, torch.float32, "cpu")
+    row, col = gaussian_profiles(
+        single, table, module.eps / scale, modeling.PROFILE_FLOOR, modeling.FLUSH_CLAMP, *grid
+    )
+    expected_row, expected_col = module.profiles(double, module.query_distances(grid, torch.float64, "cpu"), grid)
+    assert (expected_row == 0).any()
+    weights = torch.randn_like(expected_row), torch.randn_like(expected_col)
+    (actual,) = torch.autograd.grad((row * weights[0].float()).sum() + (col * weights[1].float()).sum(), single)
+    (reference,) = torch.autograd.grad((expected_row * weights[0]).sum() + (expected_col * weights[1]).sum(), double)
+    assert (actual.double() - reference).norm() <= 1e-5 * reference.norm()
+
+
 def test_model_inference_writes_profiles_with_the_kernel(kernel, monkeypatch):
     """Inference on CPU in float32 takes its profiles from `gaussian_profiles_`, into the encoder's reused
     buffers; the model's outputs equal those with the profiles from the formula."""

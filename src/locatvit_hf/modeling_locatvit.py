@@ -30,7 +30,7 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_locatvit import LocAtViTConfig
-from .cpu_attention_locatvit import fused_cpu_attention, fused_cpu_profiles
+from .cpu_attention_locatvit import fused_cpu_attention, fused_cpu_profiles, gaussian_profiles
 
 NUM_PREFIX_TOKENS = 1  # the CLS token
 # Profile values below this are set to 0, so that the product of two profiles is 0 or a normal float32: the bias then
@@ -395,31 +395,29 @@ class LocAtViTGaussianBias(nn.Module):
     def patch_profiles(self, query: torch.Tensor, grid_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Row (batch, heads, P, H) and column (batch, heads, P, W) profiles of every patch query: the bias of patch
         query i and patch key j = (r, c) is row[i, r] * col[i, c]. Without a gradient (and with a workspace), they
-        are (views of) reused buffers, valid until the next layer's call; on CPU in float32 the fused kernel's
-        `gaussian_profiles_` computes them in one pass."""
+        are (views of) reused buffers, valid until the next layer's call. On CPU in float32 the fused kernel's
+        `gaussian_profiles_` computes them in one pass (and its backward their gradient), elsewhere `profiles`."""
         if self.training and self.pools_queries_in_training:
             return self._pooled_profiles(query[:, :, NUM_PREFIX_TOKENS:], grid_size)
         statistics = self.statistics(query)[..., NUM_PREFIX_TOKENS:]
-        if not self.uses_workspace():
-            return self.profiles(
-                statistics, self.query_distances(grid_size, statistics.dtype, query.device), grid_size
-            )
         batch, heads, seq_len, _ = query.shape
         patches, (height, width) = seq_len - NUM_PREFIX_TOKENS, grid_size
         on_cpu = statistics.device.type == "cpu" and statistics.dtype == torch.float32
-        write_profiles = fused_cpu_profiles() if on_cpu else None
-        if write_profiles is not None:
+        if on_cpu and not torch.compiler.is_compiling() and fused_cpu_profiles() is not None:
+            scale = self.variance_scale(grid_size)
+            distances = grid_distance_table(max(grid_size), self.min_half_sq_distance, scale, torch.float32, "cpu")
+            constants = (distances, self.eps / scale, PROFILE_FLOOR, FLUSH_CLAMP)
+            if not self.uses_workspace():  # with its gradient, if one is recorded
+                return gaussian_profiles(statistics, *constants, height, width)
             row = self.workspace.get("row profiles", (batch, heads, patches, height), statistics.dtype, query.device)
             col = self.workspace.get("column profiles", (batch, heads, patches, width), statistics.dtype, query.device)
-            scale = self.variance_scale(grid_size)
-            distances = grid_distance_table(
-                max(grid_size), self.min_half_sq_distance, scale, torch.float32, query.device
-            )
-            write_profiles(row, col, statistics, distances, self.eps / scale, PROFILE_FLOOR, FLUSH_CLAMP)
+            fused_cpu_profiles()(row, col, statistics, *constants)
             return row, col
         distances = self.query_distances(grid_size, statistics.dtype, query.device)
-        shape = (batch, heads, *distances.shape[:2], patches)
-        out = self.workspace.get("profiles", shape, statistics.dtype, query.device)
+        out = None
+        if self.uses_workspace():
+            shape = (batch, heads, *distances.shape[:2], patches)
+            out = self.workspace.get("profiles", shape, statistics.dtype, query.device)
         return self.profiles(statistics, distances, grid_size, out)
 
     def forward(self, query: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
