@@ -46,6 +46,20 @@ def spread_gaussians(model) -> None:
             gaussian.strength_proj.bias.uniform_(0, 3)
 
 
+def logits_with_and_without(model, monkeypatch, name: str):
+    """Inference logits of `model` on a non-square grid other than the configured one, first with the kernel's
+    operator behind `modeling.<name>` counting its calls, then with it unavailable (None): (calls, with, without)."""
+    pixels = torch.randn(2, 3, 40, 24)
+    operator, calls = getattr(modeling, name)(), []
+    monkeypatch.setattr(modeling, name, lambda: lambda *args: calls.append(1) or operator(*args))
+    with torch.inference_mode():
+        with_operator = model(pixels, interpolate_pos_encoding=True).logits
+    monkeypatch.setattr(modeling, name, lambda: None)
+    with torch.inference_mode():
+        without_operator = model(pixels, interpolate_pos_encoding=True).logits
+    return len(calls), with_operator, without_operator
+
+
 def token_major(batch, seq_len, heads, dim):
     """(batch, heads, N, dim) views of a (batch, N, heads * dim) projection, as the attention gets them."""
     return torch.randn(batch, seq_len, heads, dim).transpose(1, 2)
@@ -139,18 +153,8 @@ def test_model_inference_writes_profiles_with_the_kernel(kernel, monkeypatch):
     buffers; the model's outputs equal those with the profiles from the formula."""
     model = LocAtViTForImageClassification._from_config(tiny_config(), attn_implementation="sdpa").eval()
     spread_gaussians(model)
-    pixels = torch.randn(2, 3, 40, 24)
-    calls = []
-    profiles_kernel = modeling.fused_cpu_profiles()
-    monkeypatch.setattr(
-        modeling, "fused_cpu_profiles", lambda: lambda *args: calls.append(1) or profiles_kernel(*args)
-    )
-    with torch.inference_mode():
-        fused = model(pixels, interpolate_pos_encoding=True).logits
-    assert len(calls) == model.config.num_hidden_layers
-    monkeypatch.setattr(modeling, "fused_cpu_profiles", lambda: None)
-    with torch.inference_mode():
-        formula = model(pixels, interpolate_pos_encoding=True).logits
+    calls, fused, formula = logits_with_and_without(model, monkeypatch, "fused_cpu_profiles")
+    assert calls == model.config.num_hidden_layers
     torch.testing.assert_close(fused, formula, rtol=1e-5, atol=1e-5)
 
 
@@ -259,15 +263,8 @@ def test_kernel_rejects_profiles_of_another_grid(kernel):
 def test_model_outputs_equal_with_and_without_the_kernel(kernel, model_class, monkeypatch):
     model = model_class._from_config(tiny_config(), attn_implementation="sdpa").eval()
     spread_gaussians(model)
-    pixels = torch.randn(2, 3, 40, 24)  # a non-square grid other than the configured one
-    calls = []
-    monkeypatch.setattr(modeling, "fused_cpu_attention", lambda: lambda *args: calls.append(1) or kernel(*args))
-    with torch.inference_mode():
-        fused = model(pixels, interpolate_pos_encoding=True).logits
-    assert len(calls) == model.config.num_hidden_layers
-    monkeypatch.setattr(modeling, "fused_cpu_attention", lambda: None)
-    with torch.inference_mode():
-        masked = model(pixels, interpolate_pos_encoding=True).logits
+    calls, fused, masked = logits_with_and_without(model, monkeypatch, "fused_cpu_attention")
+    assert calls == model.config.num_hidden_layers
     torch.testing.assert_close(fused, masked, rtol=1e-5, atol=1e-5)
 
 

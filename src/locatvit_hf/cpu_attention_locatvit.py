@@ -635,9 +635,9 @@ def fused_cpu_attention() -> Callable | None:
 
 class FusedGaussianProfiles(torch.autograd.Function):
     """`gaussian_profiles_` with its gradient to the statistics: only the statistics and the profiles are kept, and
-    the backward is one pass (the formula's autograd keeps and allocates a dozen (batch, heads, 2, S, Q) tensors per
-    layer, which, more than their bytes, made glibc's heap grow: about 100 MB of peak RSS in a checkpointed 512 px
-    training step)."""
+    the backward is one pass, where the formula's autograd allocates and keeps a dozen (batch, heads, 2, S, Q)
+    tensors per layer (training step 1.11x -> 1.06x of the ViT's time, measured at 224 px batch 16 and 512 px
+    batch 4)."""
 
     @staticmethod
     def forward(ctx, statistics, distances, eps: float, floor: float, clamp: float, height: int, width: int):

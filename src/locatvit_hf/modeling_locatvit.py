@@ -403,7 +403,8 @@ class LocAtViTGaussianBias(nn.Module):
         batch, heads, seq_len, _ = query.shape
         patches, (height, width) = seq_len - NUM_PREFIX_TOKENS, grid_size
         on_cpu = statistics.device.type == "cpu" and statistics.dtype == torch.float32
-        if on_cpu and not torch.compiler.is_compiling() and fused_cpu_profiles() is not None:
+        write_profiles = fused_cpu_profiles() if on_cpu and not torch.compiler.is_compiling() else None
+        if write_profiles is not None:
             scale = self.variance_scale(grid_size)
             distances = grid_distance_table(max(grid_size), self.min_half_sq_distance, scale, torch.float32, "cpu")
             constants = (distances, self.eps / scale, PROFILE_FLOOR, FLUSH_CLAMP)
@@ -411,7 +412,7 @@ class LocAtViTGaussianBias(nn.Module):
                 return gaussian_profiles(statistics, *constants, height, width)
             row = self.workspace.get("row profiles", (batch, heads, patches, height), statistics.dtype, query.device)
             col = self.workspace.get("column profiles", (batch, heads, patches, width), statistics.dtype, query.device)
-            fused_cpu_profiles()(row, col, statistics, *constants)
+            write_profiles(row, col, statistics, *constants)
             return row, col
         distances = self.query_distances(grid_size, statistics.dtype, query.device)
         out = None
