@@ -440,3 +440,35 @@ def test_training_after_inference_mode():
     loss = model(x, labels=torch.randint(0, 5, (2, 56, 24)), interpolate_pos_encoding=True).loss
     loss.backward()
     assert torch.isfinite(loss)
+
+
+def activation_ops(mlp, x: torch.Tensor) -> tuple[torch.Tensor, set[str]]:
+    """`mlp(x)` and the GELU ops it ran (`aten::gelu` out of place, `aten::gelu_` in place)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+        output = mlp(x)
+    return output, {event.key for event in profiler.key_averages() if event.key.startswith("aten::gelu")}
+
+
+def test_mlp_activation_in_place_only_where_nothing_else_reads_fc1():
+    """Without autograd the GELU overwrites fc1's output (same values, one buffer less); with autograd, with a
+    hook on fc1, or with another activation swapped in, it does not, and the hook sees fc1's own output."""
+    model = LocAtViTModel(tiny_config()).eval()
+    mlp = model.encoder.layers[0].mlp
+    x = torch.randn(2, 17, 32)
+    expected = mlp.fc2(torch.nn.functional.gelu(mlp.fc1(x))).detach()
+    with torch.no_grad():
+        output, ops = activation_ops(mlp, x)
+    assert ops == {"aten::gelu_"} and torch.equal(output, expected)
+    output, ops = activation_ops(mlp, x)
+    assert ops == {"aten::gelu"} and torch.equal(output.detach(), expected) and output.requires_grad
+    seen = []
+    handle = mlp.fc1.register_forward_hook(lambda module, inputs, out: seen.append(out))
+    with torch.no_grad():
+        output, ops = activation_ops(mlp, x)
+    handle.remove()
+    assert ops == {"aten::gelu"} and torch.equal(output, expected)
+    torch.testing.assert_close(seen[0], x @ mlp.fc1.weight.T + mlp.fc1.bias)
+    mlp.activation_fn = torch.nn.ReLU()
+    with torch.no_grad():
+        output, ops = activation_ops(mlp, x)
+    assert not ops and torch.equal(output, mlp.fc2(torch.relu(mlp.fc1(x))))
