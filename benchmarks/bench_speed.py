@@ -77,7 +77,7 @@ def build(kind: str, size: str, gradient_checkpointing: bool = False, attention:
     else:
         model = LocAtViTForImageClassification._from_config(config, attn_implementation=attention)
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        model.activation_checkpointing_enable()
     return model.to(DEVICE)
 
 

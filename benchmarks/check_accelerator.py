@@ -106,7 +106,7 @@ def check_path(name, base, implementation, reference, pixels, labels, training, 
     model = copy.deepcopy(base).to(DEVICE)
     model.set_attn_implementation(implementation)
     if checkpointing:
-        model.gradient_checkpointing_enable()
+        model.activation_checkpointing_enable()
     try:
         return check(name, reference, model, pixels, labels, training, tolerance, context)
     except Exception as error:

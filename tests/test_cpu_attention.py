@@ -234,7 +234,7 @@ def test_model_training_with_the_kernel_equals_eager(kernel, image_size, pixels,
     eager.load_state_dict(sdpa.state_dict())
     if checkpointing:
         for model in (sdpa, eager):
-            model.gradient_checkpointing_enable()
+            model.activation_checkpointing_enable()
     x, labels = torch.randn(2, 3, *pixels), torch.randint(0, 5, (2, *pixels))
     assert sdpa.locatvit.encoder.layers[0].attention.uses_fused_cpu_kernel(torch.zeros(1), 0.0)
     assert_same_training_step(sdpa, eager, x, labels)

@@ -87,7 +87,7 @@ def test_flex_training_gradients_match_sdpa(flex_with_backward_on_cpu, image_siz
         if checkpointing:  # reentrant: PyTorch's eager flex attention (the stand-in here) returns wrong gradients of
             # captured tensors under non-reentrant checkpointing (torch 2.14, reproduced without this model); the
             # compiled kernel with the default checkpointing is checked on CUDA (benchmarks/check_accelerator.py).
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
         loss = model.train()(x, labels=labels, interpolate_pos_encoding=True).loss
         loss.backward()
         losses.append(loss.detach())

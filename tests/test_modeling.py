@@ -141,7 +141,17 @@ def test_save_load_round_trip(model_class, tmp_path):
         assert torch.equal(value, loaded.state_dict()[key]), key
 
 
-def test_gradient_checkpointing_gives_equal_gradients():
+@pytest.mark.parametrize(
+    "enable",
+    [
+        lambda model: model.activation_checkpointing_enable(),
+        lambda model: model.activation_checkpointing_enable(every_n_layers=2),
+        lambda model: model.activation_checkpointing_enable(offload=True),
+        lambda model: model.gradient_checkpointing_enable(),  # the deprecated name, still what many scripts call
+    ],
+    ids=["every layer", "every 2nd layer", "offload", "deprecated name"],
+)
+def test_gradient_checkpointing_gives_equal_gradients(enable):
     config = tiny_config(num_hidden_layers=3)
     model = LocAtViTForImageClassification(config).train()
     x, labels = pixels(), torch.tensor([1, 3])
@@ -152,8 +162,8 @@ def test_gradient_checkpointing_gives_equal_gradients():
         return {name: p.grad.clone() for name, p in model.named_parameters()}
 
     plain = gradients()
-    model.gradient_checkpointing_enable()
-    assert model.is_gradient_checkpointing
+    enable(model)
+    assert model.is_activation_checkpointing
     checkpointed = gradients()
     for name, grad in plain.items():
         torch.testing.assert_close(checkpointed[name], grad, rtol=1e-5, atol=1e-7, msg=name)
