@@ -461,7 +461,8 @@ def activation_ops(mlp, x: torch.Tensor) -> tuple[torch.Tensor, set[str]]:
 
 def test_mlp_activation_in_place_only_where_nothing_else_reads_fc1():
     """Without autograd the GELU overwrites fc1's output (same values, one buffer less); with autograd, with a
-    hook on fc1, or with another activation swapped in, it does not, and the hook sees fc1's own output."""
+    hook on fc1 or a global one, or with another activation swapped in, it does not, and the hook sees fc1's own
+    output."""
     model = LocAtViTModel(tiny_config()).eval()
     mlp = model.encoder.layers[0].mlp
     x = torch.randn(2, 17, 32)
@@ -478,6 +479,11 @@ def test_mlp_activation_in_place_only_where_nothing_else_reads_fc1():
     handle.remove()
     assert ops == {"aten::gelu"} and torch.equal(output, expected)
     torch.testing.assert_close(seen[0], x @ mlp.fc1.weight.T + mlp.fc1.bias)
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda module, inputs, out: None)
+    with torch.no_grad():
+        output, ops = activation_ops(mlp, x)
+    handle.remove()
+    assert ops == {"aten::gelu"} and torch.equal(output, expected)
     mlp.activation_fn = torch.nn.ReLU()
     with torch.no_grad():
         output, ops = activation_ops(mlp, x)

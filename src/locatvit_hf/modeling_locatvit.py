@@ -922,8 +922,9 @@ class LocAtViTMLP(nn.Module):
     """fc1 -> activation -> fc2, with the activation in place on fc1's output where nothing else can read it.
 
     Same values either way; in place, inference allocates one (tokens, intermediate) buffer less per layer, which
-    the allocator would otherwise map, fault in and return every layer (at 224 px batch 16, 9 MB a layer, 6-7% of
-    the CPU forward).
+    the allocator would otherwise map, fault in and return every layer (Tiny, 224 px, batch 16: 9 MB a layer; the
+    CPU forward 10% faster with glibc's default allocator, 3% without page faults, where the activation stays in
+    the cache).
     """
 
     def __init__(self, config: LocAtViTConfig):
@@ -945,8 +946,15 @@ class LocAtViTMLP(nn.Module):
             isinstance(self.activation_fn, GELUActivation)
             and self.activation_fn.act is F.gelu
             and not fc1_output.requires_grad
-            and not (self.fc1._forward_hooks or nn.modules.module._global_forward_hooks)
+            and not has_forward_hooks(self.fc1)
         )
+
+
+def has_forward_hooks(module: nn.Module) -> bool:
+    """Whether forward hooks, `module`'s own or global ones (`register_module_forward_hook`), see its outputs. Read
+    from torch's registries, which have no public accessor; if the global one moves, assume there are hooks."""
+    global_hooks = getattr(nn.modules.module, "_global_forward_hooks", None)
+    return bool(module._forward_hooks) or global_hooks is None or bool(global_hooks)
 
 
 class LocAtViTDropPath(nn.Module):
