@@ -488,3 +488,34 @@ def test_mlp_activation_in_place_only_where_nothing_else_reads_fc1():
     with torch.no_grad():
         output, ops = activation_ops(mlp, x)
     assert not ops and torch.equal(output, mlp.fc2(torch.relu(mlp.fc1(x))))
+
+
+def test_residual_sums_into_branch_outputs_only_where_nothing_else_reads_them():
+    """Without autograd a layer sums the residual into its branches' fresh outputs (same values); the residual (a
+    recorded hidden state) is never written, and a hooked module's output is left as the hook saw it."""
+    model = LocAtViTModel(tiny_config()).eval()
+    layer = model.encoder.layers[0]
+    hidden = torch.randn(2, 17, 32)
+    kept = hidden.clone()
+    reference = layer(hidden.clone().requires_grad_(), (4, 4)).detach()  # with autograd: out of place
+    with torch.no_grad():
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+            output = layer(hidden, (4, 4))
+    assert torch.equal(hidden, kept) and torch.equal(output, reference)
+    assert {"aten::add_", "aten::add"} & {event.key for event in profiler.key_averages()} == {"aten::add_"}
+    seen = {}
+    handles = [
+        module.register_forward_hook(lambda module, inputs, out, name=name: seen.update({name: (out, out.clone())}))
+        for name, module in (("o_proj", layer.attention.o_proj), ("mlp", layer.mlp))
+    ]
+    with torch.no_grad():
+        output = layer(hidden, (4, 4))
+    for handle in handles:
+        handle.remove()
+    assert torch.equal(output, reference) and torch.equal(hidden, kept)
+    for name, (held, as_seen) in seen.items():
+        assert torch.equal(held, as_seen), f"{name}'s output was overwritten after its hook saw it"
+    with torch.no_grad():
+        hidden_states = model(pixels(), output_hidden_states=True).hidden_states
+        for index, layer in enumerate(model.encoder.layers):
+            assert torch.equal(hidden_states[index + 1], layer(hidden_states[index].clone(), (4, 4)))

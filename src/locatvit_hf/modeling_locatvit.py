@@ -992,9 +992,18 @@ class LocAtViTLayer(GradientCheckpointingLayer):
         self, hidden_states: torch.Tensor, grid_size: tuple[int, int], **kwargs: Unpack[TransformersKwargs]
     ) -> torch.Tensor:
         attn_output, _ = self.attention(self.layernorm_before(hidden_states), grid_size, **kwargs)
-        hidden_states = hidden_states + self.drop_path(self.dropout(attn_output))
+        hidden_states = self.add_branch(hidden_states, attn_output, self.attention, self.attention.o_proj)
         mlp_output = self.mlp(self.layernorm_after(hidden_states))
-        return hidden_states + self.drop_path(self.dropout(mlp_output))
+        return self.add_branch(hidden_states, mlp_output, self.mlp, self.mlp.fc2)
+
+    def add_branch(self, residual: torch.Tensor, branch_output: torch.Tensor, *producers: nn.Module) -> torch.Tensor:
+        """residual + drop_path(dropout(branch_output)), summed into the branch's fresh output where nothing else
+        can read it (no autograd, no forward hook on the modules that returned it): one buffer less per sum, as
+        for `LocAtViTMLP`'s activation. The residual itself, a recorded hidden state, is never written."""
+        branch = self.drop_path(self.dropout(branch_output))
+        if branch.requires_grad or any(map(has_forward_hooks, (*producers, self.dropout, self.drop_path))):
+            return residual + branch
+        return branch.add_(residual)
 
 
 class LocAtViTEncoder(nn.Module):
