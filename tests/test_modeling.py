@@ -517,5 +517,14 @@ def test_residual_sums_into_branch_outputs_only_where_nothing_else_reads_them():
         assert torch.equal(held, as_seen), f"{name}'s output was overwritten after its hook saw it"
     with torch.no_grad():
         hidden_states = model(pixels(), output_hidden_states=True).hidden_states
-        for index, layer in enumerate(model.encoder.layers):
-            assert torch.equal(hidden_states[index + 1], layer(hidden_states[index].clone(), (4, 4)))
+        for index, block in enumerate(model.encoder.layers):
+            assert torch.equal(hidden_states[index + 1], block(hidden_states[index].clone(), (4, 4)))
+    # Under autocast the branches come out in bfloat16: the float32 residual stream stays float32, with the values
+    # of the out-of-place sums (which hooks on the branches' modules force).
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        output = layer(hidden, (4, 4))
+        handles = [module.register_forward_hook(lambda *args: None) for module in (layer.attention, layer.mlp)]
+        reference = layer(hidden, (4, 4))
+    for handle in handles:
+        handle.remove()
+    assert output.dtype == reference.dtype == torch.float32 and torch.equal(output, reference)

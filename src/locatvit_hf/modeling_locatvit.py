@@ -998,10 +998,15 @@ class LocAtViTLayer(GradientCheckpointingLayer):
 
     def add_branch(self, residual: torch.Tensor, branch_output: torch.Tensor, *producers: nn.Module) -> torch.Tensor:
         """residual + drop_path(dropout(branch_output)), summed into the branch's fresh output where nothing else
-        can read it (no autograd, no forward hook on the modules that returned it): one buffer less per sum, as
-        for `LocAtViTMLP`'s activation. The residual itself, a recorded hidden state, is never written."""
+        can read it (no autograd, no forward hook on the modules that returned it) and where the sum keeps its type
+        (under autocast the branch is in half precision, the residual stream in float32): one buffer less per sum,
+        as for `LocAtViTMLP`'s activation. The residual itself, a recorded hidden state, is never written."""
         branch = self.drop_path(self.dropout(branch_output))
-        if branch.requires_grad or any(map(has_forward_hooks, (*producers, self.dropout, self.drop_path))):
+        if (
+            branch.requires_grad
+            or (branch.dtype, branch.shape) != (residual.dtype, residual.shape)
+            or any(map(has_forward_hooks, (*producers, self.dropout, self.drop_path)))
+        ):
             return residual + branch
         return branch.add_(residual)
 
