@@ -148,16 +148,6 @@ def test_profiles_kernel_gradient_equals_autograd_through_the_formula(kernel, gr
     assert (actual.double() - reference).norm() <= 1e-5 * reference.norm()
 
 
-def test_model_inference_writes_profiles_with_the_kernel(kernel, monkeypatch):
-    """Inference on CPU in float32 takes its profiles from `gaussian_profiles_`, into the encoder's reused
-    buffers; the model's outputs equal those with the profiles from the formula."""
-    model = LocAtViTForImageClassification._from_config(tiny_config(), attn_implementation="sdpa").eval()
-    spread_gaussians(model)
-    calls, fused, formula = logits_with_and_without(model, monkeypatch, "fused_cpu_profiles")
-    assert calls == model.config.num_hidden_layers
-    torch.testing.assert_close(fused, formula, rtol=1e-5, atol=1e-5)
-
-
 def test_kernel_reads_strided_profiles(kernel):
     """The attention takes profiles of any layout (here queries last, as the formula computes them): the same
     output and gradients as from contiguous copies."""
@@ -259,13 +249,17 @@ def test_kernel_rejects_profiles_of_another_grid(kernel):
         kernel(query.double(), query, query, row, col, 0.25, NUM_PREFIX_TOKENS)
 
 
+@pytest.mark.parametrize("operator", ["fused_cpu_attention", "fused_cpu_profiles"])
 @pytest.mark.parametrize("model_class", [LocAtViTForImageClassification, LocAtViTForSemanticSegmentation])
-def test_model_outputs_equal_with_and_without_the_kernel(kernel, model_class, monkeypatch):
+def test_model_outputs_equal_with_and_without_the_kernel(kernel, model_class, operator, monkeypatch):
+    """Inference on CPU in float32 runs the kernel's attention (instead of the mask path) and its profiles operator
+    (`gaussian_profiles_`, into the encoder's reused buffers, instead of the formula) once a layer each; the
+    model's outputs equal those without either."""
     model = model_class._from_config(tiny_config(), attn_implementation="sdpa").eval()
     spread_gaussians(model)
-    calls, fused, masked = logits_with_and_without(model, monkeypatch, "fused_cpu_attention")
+    calls, fused, stock = logits_with_and_without(model, monkeypatch, operator)
     assert calls == model.config.num_hidden_layers
-    torch.testing.assert_close(fused, masked, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused, stock, rtol=1e-5, atol=1e-5)
 
 
 def test_kernel_only_where_it_applies(kernel):

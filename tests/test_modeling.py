@@ -452,11 +452,16 @@ def test_training_after_inference_mode():
     assert torch.isfinite(loss)
 
 
-def activation_ops(mlp, x: torch.Tensor) -> tuple[torch.Tensor, set[str]]:
-    """`mlp(x)` and the GELU ops it ran (`aten::gelu` out of place, `aten::gelu_` in place)."""
+def ops_run(function, *args, names: set[str]) -> tuple[torch.Tensor, set[str]]:
+    """`function(*args)` and which of the aten ops `names` it ran (e.g. `aten::gelu` out of place, `aten::gelu_` in
+    place)."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
-        output = mlp(x)
-    return output, {event.key for event in profiler.key_averages() if event.key.startswith("aten::gelu")}
+        output = function(*args)
+    return output, names & {event.key for event in profiler.key_averages()}
+
+
+def activation_ops(mlp, x: torch.Tensor) -> tuple[torch.Tensor, set[str]]:
+    return ops_run(mlp, x, names={"aten::gelu", "aten::gelu_"})
 
 
 def test_mlp_activation_in_place_only_where_nothing_else_reads_fc1():
@@ -499,10 +504,8 @@ def test_residual_sums_into_branch_outputs_only_where_nothing_else_reads_them():
     kept = hidden.clone()
     reference = layer(hidden.clone().requires_grad_(), (4, 4)).detach()  # with autograd: out of place
     with torch.no_grad():
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
-            output = layer(hidden, (4, 4))
-    assert torch.equal(hidden, kept) and torch.equal(output, reference)
-    assert {"aten::add_", "aten::add"} & {event.key for event in profiler.key_averages()} == {"aten::add_"}
+        output, ops = ops_run(layer, hidden, (4, 4), names={"aten::add", "aten::add_"})
+    assert torch.equal(hidden, kept) and torch.equal(output, reference) and ops == {"aten::add_"}
     seen = {}
     handles = [
         module.register_forward_hook(lambda module, inputs, out, name=name: seen.update({name: (out, out.clone())}))

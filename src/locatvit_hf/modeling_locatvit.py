@@ -940,21 +940,23 @@ class LocAtViTMLP(nn.Module):
         return self.fc2(self.activation_fn(hidden_states))
 
     def activates_in_place(self, fc1_output: torch.Tensor) -> bool:
-        """Exact GELU (the default `hidden_act`), no autograd (its backward would need fc1's output), and no forward
-        hook on fc1 that could hold its output (interpretability hooks would see it overwritten)."""
+        """Exact GELU (the default `hidden_act`) on an output of fc1 that nothing else reads (`may_overwrite`)."""
         return (
             isinstance(self.activation_fn, GELUActivation)
             and self.activation_fn.act is F.gelu
-            and not fc1_output.requires_grad
-            and not has_forward_hooks(self.fc1)
+            and may_overwrite(fc1_output, self.fc1)
         )
 
 
-def has_forward_hooks(module: nn.Module) -> bool:
-    """Whether forward hooks, `module`'s own or global ones (`register_module_forward_hook`), see its outputs. Read
-    from torch's registries, which have no public accessor; if the global one moves, assume there are hooks."""
+def may_overwrite(output: torch.Tensor, *producers: nn.Module) -> bool:
+    """Whether `output`, fresh from `producers`, may be overwritten: autograd does not record it, and no forward hook
+    (a producer's own or a global one, `register_module_forward_hook`) can hold it, as interpretability hooks do.
+    The hooks are read from torch's registries, which have no public accessor; if the global one moves, assume
+    there are hooks."""
     global_hooks = getattr(nn.modules.module, "_global_forward_hooks", None)
-    return bool(module._forward_hooks) or global_hooks is None or bool(global_hooks)
+    if output.requires_grad or global_hooks is None or global_hooks:
+        return False
+    return not any(module._forward_hooks for module in producers)
 
 
 class LocAtViTDropPath(nn.Module):
@@ -1002,13 +1004,11 @@ class LocAtViTLayer(GradientCheckpointingLayer):
         (under autocast the branch is in half precision, the residual stream in float32): one buffer less per sum,
         as for `LocAtViTMLP`'s activation. The residual itself, a recorded hidden state, is never written."""
         branch = self.drop_path(self.dropout(branch_output))
-        if (
-            branch.requires_grad
-            or (branch.dtype, branch.shape) != (residual.dtype, residual.shape)
-            or any(map(has_forward_hooks, (*producers, self.dropout, self.drop_path)))
+        if (branch.dtype, branch.shape) == (residual.dtype, residual.shape) and may_overwrite(
+            branch, *producers, self.dropout, self.drop_path
         ):
-            return residual + branch
-        return branch.add_(residual)
+            return branch.add_(residual)
+        return residual + branch
 
 
 class LocAtViTEncoder(nn.Module):
