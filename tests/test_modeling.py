@@ -22,6 +22,7 @@ from locatvit_hf import (
     LocAtViTForSemanticSegmentation,
     LocAtViTModel,
 )
+from locatvit_hf.modeling_locatvit import tokens_to_feature_map
 
 from .conftest import ALL_CLASSES, tiny_config
 
@@ -250,7 +251,7 @@ def test_classification_problem_types(problem_type):
 def test_interpolation_and_non_square_inputs():
     model = LocAtViTForSemanticSegmentation(tiny_config()).eval()
     with pytest.raises(ValueError, match="interpolate_pos_encoding=True"):
-        model(pixels(height=48, width=40))
+        model(pixels(height=48, width=40), interpolate_pos_encoding=False)
     with torch.no_grad():
         same = model(pixels(height=32, width=32), interpolate_pos_encoding=True).logits
         assert model(pixels(height=48, width=40), interpolate_pos_encoding=True).logits.shape == (2, 5, 6, 5)
@@ -378,19 +379,22 @@ def test_backbone_out_indices_and_upernet():
     assert logits.shape == (1, 7, 32, 32)
 
 
-def test_backbone_skips_blocks_after_last_requested():
-    config = tiny_config(num_hidden_layers=3, out_indices=[1])
-    backbone = LocAtViTBackbone(config).eval()
-    calls = []
-    for layer in backbone.encoder.layers:
-        layer.register_forward_hook(lambda *args: calls.append(1))
+def test_backbone_holds_blocks_up_to_the_last_requested(tmp_path):
+    """Blocks after the last returned stage would hold parameters no loss reaches: the backbone leaves them out, and
+    a checkpoint of the whole encoder loads into it with those blocks reported as unused."""
+    full = LocAtViTBackbone(tiny_config(num_hidden_layers=3)).eval()
+    full.save_pretrained(tmp_path)
+    early, info = LocAtViTBackbone.from_pretrained(tmp_path, out_indices=[1], output_loading_info=True)
+    assert len(early.encoder.layers) == 1 and not info["missing_keys"]
+    assert info["unexpected_keys"] and all(key.startswith("encoder.layers.") for key in info["unexpected_keys"])
     x = pixels()
     with torch.no_grad():
-        early = backbone(x).feature_maps[0]
-        assert len(calls) == 1
-        full = backbone(x, output_hidden_states=True)
-    assert len(full.hidden_states) == 4
-    torch.testing.assert_close(early, full.feature_maps[0])
+        hidden_states = full(x, output_hidden_states=True).hidden_states
+        torch.testing.assert_close(early(x).feature_maps[0], tokens_to_feature_map(hidden_states[1], (4, 4)))
+        assert len(early(x, output_hidden_states=True).hidden_states) == 2
+    early.out_indices = [3]
+    with pytest.raises(ValueError, match="holds only the first 1 blocks"):
+        early(x)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -434,8 +438,8 @@ def test_new_segmentation_head_is_initialized_on_a_classification_checkpoint(tmp
     for conv in (head.projection, head.classifier):
         assert torch.isfinite(conv.weight).all() and 0.01 < conv.weight.std() < 0.03
     assert torch.all(head.classifier.bias == 0) and torch.all(head.norm.weight == 1) and torch.all(head.norm.bias == 0)
-    for key, value in classifier.locatvit.state_dict().items():
-        assert torch.equal(model.locatvit.state_dict()[key], value), key
+    for key, value in model.locatvit.state_dict().items():
+        assert torch.equal(classifier.locatvit.state_dict()[key], value), key
     loss = model(pixels(), labels=torch.randint(0, 9, (2, 32, 32))).loss
     assert torch.isfinite(loss)
 

@@ -7,7 +7,7 @@ import textwrap
 
 import torch
 
-from locatvit_hf import LocAtViTForSemanticSegmentation
+from locatvit_hf import LocAtViTForSemanticSegmentation, LocAtViTModel
 
 from .conftest import tiny_config
 
@@ -50,7 +50,8 @@ def test_remote_code_load_without_package(tmp_path):
     pixel_values = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         logits = model(pixel_values).logits
-        last_hidden_state = model.locatvit(pixel_values).last_hidden_state
+        # The base model of a segmentation checkpoint: its final norm, which segmentation does not hold, is new.
+        last_hidden_state = LocAtViTModel.from_pretrained(folder).eval()(pixel_values).last_hidden_state
     torch.save(
         {"pixel_values": pixel_values, "logits": logits, "last_hidden_state": last_hidden_state},
         folder / "inputs.pt",

@@ -41,10 +41,11 @@ class LocAtViTConfig(BackboneConfigMixin, PreTrainedConfig):
             Width of the paper's linear segmentation head (1x1 conv, GroupNorm, GELU, 1x1 conv).
         semantic_loss_ignore_index (`int`, defaults to 255):
             Label value ignored by the segmentation loss.
-        interpolate_pos_encoding (`bool`, defaults to `False`):
+        interpolate_pos_encoding (`bool`, *optional*):
             Default of the forward argument of the same name: resample the position embeddings for inputs of another
-            size than `image_size` instead of raising. Segmentation models, which see whole images of any size (and
-            the `image-segmentation` pipeline, which cannot pass the argument), set it to `True`.
+            size than `image_size` instead of raising. `None` leaves it to the model: segmentation models and
+            backbones, which see whole images of any size, resample (as DINOv2 does); classifiers and `LocAtViTModel`
+            raise, as ViT's do.
         freeze_backbone (`bool`, defaults to `False`):
             In [`LocAtViTForSemanticSegmentation`], keep the encoder frozen and in eval mode while the head trains, as
             in the paper's linear-probing protocol.
@@ -73,7 +74,7 @@ class LocAtViTConfig(BackboneConfigMixin, PreTrainedConfig):
     use_patch_refinement: bool = True
     decoder_hidden_size: int = 512
     semantic_loss_ignore_index: int = 255
-    interpolate_pos_encoding: bool = False
+    interpolate_pos_encoding: bool | None = None
     freeze_backbone: bool = False
     _out_features: list[str] | None = None
     _out_indices: list[int] | None = None

@@ -148,7 +148,7 @@ class LocAtViTEmbeddings(nn.Module):
         `interpolate_pos_encoding=None` follows `config.interpolate_pos_encoding`."""
         check_pixel_values(pixel_values, self.config)
         if interpolate_pos_encoding is None:
-            interpolate_pos_encoding = self.config.interpolate_pos_encoding
+            interpolate_pos_encoding = bool(self.config.interpolate_pos_encoding)
         patches = self.patch_embeddings(pixel_values.to(self.patch_embeddings.projection.weight.dtype))
         grid_size = (patches.shape[-2], patches.shape[-1])
         if not interpolate_pos_encoding and grid_size != tuple(self.grid_size):
@@ -1012,11 +1012,13 @@ class LocAtViTLayer(GradientCheckpointingLayer):
 
 
 class LocAtViTEncoder(nn.Module):
-    def __init__(self, config: LocAtViTConfig):
+    def __init__(self, config: LocAtViTConfig, num_layers: int | None = None):
+        """The first `num_layers` of the configured blocks (default: all), with the configured depth's drop-path
+        rates."""
         super().__init__()
         depth = config.num_hidden_layers
         rates = [config.drop_path_rate * index / max(depth - 1, 1) for index in range(depth)]  # timm's linspace
-        self.layers = nn.ModuleList([LocAtViTLayer(config, rate) for rate in rates])
+        self.layers = nn.ModuleList([LocAtViTLayer(config, rate) for rate in rates[:num_layers]])
         self.bias_workspace = BiasWorkspace()
         for layer in self.layers:
             if layer.attention.gaussian_bias is not None:
@@ -1082,11 +1084,6 @@ def check_pixel_values(pixel_values: torch.Tensor | None, config: LocAtViTConfig
         )
 
 
-def is_head_key(key: str) -> bool:
-    """Weights a checkpoint of another task may lack or carry: the heads, and the final norm a backbone drops."""
-    return key.split(".")[0] in ("classifier", "decode_head", "layernorm") or key.startswith("locatvit.layernorm.")
-
-
 @auto_docstring
 class LocAtViTPreTrainedModel(PreTrainedModel):
     config: LocAtViTConfig
@@ -1100,71 +1097,16 @@ class LocAtViTPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _can_compile_fullgraph = True
     _can_record_outputs = {"hidden_states": LocAtViTLayer, "attentions": LocAtViTAttention}
+    # Whether inputs of another size than the config's are taken (position embeddings resampled) when neither the
+    # call nor the config says: dense task models see whole images of any size, as DINOv2's do.
+    interpolates_by_default = False
 
-    def push_to_hub(
-        self,
-        repo_id: str,
-        *,
-        commit_message: str | None = None,
-        commit_description: str | None = None,
-        private: bool | None = None,
-        token: bool | str | None = None,
-        revision: str | None = None,
-        create_pr: bool = False,
-        max_shard_size: int | str | None = "50GB",
-        tags: list[str] | None = None,
-    ) -> str:
-        """As [`PreTrainedModel.push_to_hub`], except that a new repo gets the LocAtViT model card instead of a generic
-        one (a card the repo already has is kept, as there)."""
-        import os
-        import tempfile
-
-        from huggingface_hub import ModelCard
-        from huggingface_hub.errors import EntryNotFoundError
-        from transformers.utils.hub import hf_api
-
-        from .modelcard_locatvit import render_model_card, task_for_model
-
-        repo_id = hf_api().create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
-        try:
-            card = ModelCard.load(repo_id, token=token)
-        except EntryNotFoundError:
-            card = ModelCard(render_model_card(self.config, task_for_model(self), repo_id=repo_id))
-        for tag in [*(self.model_tags or []), *(tags or [])]:
-            card.data.tags = [*(card.data.tags or []), *([tag] if tag not in (card.data.tags or []) else [])]
-        with tempfile.TemporaryDirectory() as folder:
-            self.save_pretrained(folder, max_shard_size=max_shard_size)
-            card.save(os.path.join(folder, "README.md"))
-            return self._upload_modified_files(
-                folder,
-                repo_id,
-                files_timestamps={},
-                commit_message=commit_message,
-                token=token,
-                create_pr=create_pr,
-                revision=revision,
-                commit_description=commit_description,
-            )
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-        """As [`PreTrainedModel.from_pretrained`], except that only a task head may be new or left over (e.g. a
-        segmentation head on a classification checkpoint): a checkpoint missing encoder weights, or holding encoder
-        weights this architecture has no place for, is refused instead of being completed with random weights."""
-        output_loading_info = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(
-            pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
-        )
-        missing = sorted(key for key in info["missing_keys"] if not is_head_key(key))
-        unexpected = sorted(key for key in info["unexpected_keys"] if not is_head_key(key))
-        if missing or unexpected:
-            raise ValueError(
-                f"{pretrained_model_name_or_path} does not match this LocAtViT architecture: missing encoder weights "
-                f"{missing[:6]}{' ...' if len(missing) > 6 else ''}, unexpected weights {unexpected[:6]}"
-                f"{' ...' if len(unexpected) > 6 else ''}. Load it with the configuration it was saved with; "
-                "checkpoints of the authors' implementation go through `python -m locatvit_hf.convert` first."
-            )
-        return (model, info) if output_loading_info else model
+    def interpolates(self, interpolate_pos_encoding: bool | None) -> bool:
+        """`interpolate_pos_encoding` of a call: the argument, else the config's, else the model's default."""
+        for choice in (interpolate_pos_encoding, self.config.interpolate_pos_encoding):
+            if choice is not None:
+                return bool(choice)
+        return self.interpolates_by_default
 
     def _init_weights(self, module):
         """timm's ViT initialization (SPEC §6): truncated normal 0.02 for Linear weights and the position embedding,
@@ -1187,78 +1129,34 @@ class LocAtViTPreTrainedModel(PreTrainedModel):
             init.ones_(module.weight)
             init.zeros_(module.bias)
 
-    def save_pretrained(self, save_directory, *args, push_to_hub: bool = False, **kwargs):
-        """
-        Saves as [`PreTrainedModel.save_pretrained`] does (safetensors weights, config, the model's code files), plus
-        a LocAtViT model card, `README.md` (`modelcard_locatvit.render_model_card`), unless the folder already has one:
-        a card of yours is never overwritten. With `push_to_hub=True` the card of the Hub repo, if it has one, is kept.
-        """
-        import inspect
-        import os
-
-        from .modelcard_locatvit import render_model_card, task_for_model
-
-        save_directory = os.fspath(save_directory)
-        is_main_process = kwargs.get("is_main_process", args[0] if args else True)
-        if push_to_hub and is_main_process and not kwargs.get("distributed_checkpoint"):
-            from huggingface_hub import ModelCard
-            from huggingface_hub.errors import EntryNotFoundError
-            from transformers.utils.hub import hf_api
-
-            # As `PreTrainedModel.save_pretrained(push_to_hub=True)`, except that the card is ours, not a generic one.
-            commit_message = kwargs.pop("commit_message", None)
-            create_pr = kwargs.pop("create_pr", False)
-            repo_id = kwargs.pop("repo_id", save_directory.rstrip(os.path.sep).split(os.path.sep)[-1])
-            save_parameters = inspect.signature(PreTrainedModel.save_pretrained).parameters
-            repo_kwargs = {key: kwargs.pop(key) for key in list(kwargs) if key not in save_parameters}
-            token = kwargs.get("token")
-            repo_id = hf_api().create_repo(repo_id, exist_ok=True, token=token, **repo_kwargs).repo_id
-            os.makedirs(save_directory, exist_ok=True)
-            files_timestamps = self._get_files_timestamps(save_directory)
-            readme = os.path.join(save_directory, "README.md")
-            if not os.path.isfile(readme):
-                try:
-                    ModelCard.load(repo_id, token=token).save(readme)
-                except EntryNotFoundError:
-                    with open(readme, "w", encoding="utf-8") as file:
-                        file.write(render_model_card(self.config, task_for_model(self), repo_id=repo_id))
-            self.save_pretrained(save_directory, *args, **kwargs)
-            return self._upload_modified_files(
-                save_directory,
-                repo_id,
-                files_timestamps,
-                commit_message=commit_message,
-                token=token,
-                create_pr=create_pr,
-            )
-
-        had_card = os.path.isfile(os.path.join(save_directory, "README.md"))
-        result = super().save_pretrained(save_directory, *args, push_to_hub=push_to_hub, **kwargs)
-        if is_main_process and not had_card and os.path.isdir(save_directory):
-            card = render_model_card(self.config, task_for_model(self), model_path=save_directory)
-            with open(os.path.join(save_directory, "README.md"), "w", encoding="utf-8") as file:
-                file.write(card)
-        return result
-
 
 @auto_docstring
 class LocAtViTModel(LocAtViTPreTrainedModel):
-    def __init__(self, config: LocAtViTConfig):
+    def __init__(self, config: LocAtViTConfig, add_final_norm: bool = True):
+        r"""
+        add_final_norm (`bool`, *optional*, defaults to `True`):
+            Whether to hold the final LayerNorm. A task model whose loss never reads it (segmentation, which reads the
+            last block) leaves it out, so that every parameter it holds gets a gradient, as distributed training
+            with `find_unused_parameters=False` requires.
+        """
         super().__init__(config)
         self.embeddings = LocAtViTEmbeddings(config)
         self.encoder = LocAtViTEncoder(config)
-        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if add_final_norm else None
         self.refinement = LocAtViTPatchRefinement(config) if config.use_patch_refinement else None
         self.post_init()
 
     def get_input_embeddings(self) -> LocAtViTPatchEmbeddings:
         return self.embeddings.patch_embeddings
 
+    def final_norm(self, last_block: torch.Tensor) -> torch.Tensor:
+        return last_block if self.layernorm is None else self.layernorm(last_block)
+
     def forward_features(
         self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool | None = None, **kwargs
     ) -> tuple[torch.Tensor, tuple[int, int]]:
         """Output of the last block (before the final norm and PRR) and the patch grid it lies on."""
-        embeddings, grid_size = self.embeddings(pixel_values, interpolate_pos_encoding)
+        embeddings, grid_size = self.embeddings(pixel_values, self.interpolates(interpolate_pos_encoding))
         return self.encoder(embeddings, grid_size, **kwargs), grid_size
 
     @merge_with_config_defaults
@@ -1275,7 +1173,7 @@ class LocAtViTModel(LocAtViTPreTrainedModel):
         its CLS token, and with `output_hidden_states` the embeddings and every block's output (before the norm).
         """
         last_block, _ = self.forward_features(pixel_values, interpolate_pos_encoding, **kwargs)
-        sequence_output = self.layernorm(last_block)
+        sequence_output = self.final_norm(last_block)
         if self.refinement is not None:
             sequence_output = self.refinement(sequence_output)
         return BaseModelOutputWithPooling(last_hidden_state=sequence_output, pooler_output=sequence_output[:, 0])
@@ -1283,7 +1181,7 @@ class LocAtViTModel(LocAtViTPreTrainedModel):
     def pool(self, last_block: torch.Tensor) -> torch.Tensor:
         """`pooler_output` from the last block's output: the CLS token of PRR(LayerNorm(last block)), refined alone
         (PRR of the N - 1 patch tokens, which no classifier reads, is most of PRR's cost)."""
-        sequence_output = self.layernorm(last_block)
+        sequence_output = self.final_norm(last_block)
         if self.refinement is None:
             return sequence_output[:, 0]
         return self.refinement(sequence_output, num_queries=1)[:, 0]
@@ -1319,6 +1217,7 @@ class LocAtViTForImageClassification(LocAtViTPreTrainedModel):
         """
         # Through `pool` rather than the base model's forward: only the CLS token is refined (hidden states and
         # attentions are recorded here, as they would be there).
+        interpolate_pos_encoding = self.interpolates(interpolate_pos_encoding)
         last_block, _ = self.locatvit.forward_features(pixel_values, interpolate_pos_encoding, **kwargs)
         logits = self.classifier(self.locatvit.pool(last_block))
         loss = None
@@ -1328,13 +1227,19 @@ class LocAtViTForImageClassification(LocAtViTPreTrainedModel):
         return ImageClassifierOutput(loss=loss, logits=logits)
 
 
+def label_values_are_free(labels: torch.Tensor) -> bool:
+    """Whether reading the labels' values costs nothing: eager, on the CPU. On an accelerator it would wait for the
+    device, and under `torch.compile` break the graph; there the loss's own checks (a device-side assert) remain."""
+    return labels.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def check_classification_labels(labels: torch.Tensor, logits: torch.Tensor, config: LocAtViTConfig) -> None:
     if labels.shape[0] != logits.shape[0]:
         raise ValueError(
             f"`labels` has {labels.shape[0]} entries for a batch of {logits.shape[0]} images: pass one label per image."
         )
     integer_labels = not labels.is_floating_point()
-    if integer_labels and config.num_labels > 1 and labels.numel() > 0:
+    if integer_labels and config.num_labels > 1 and labels.numel() > 0 and label_values_are_free(labels):
         low, high = int(labels.min()), int(labels.max())
         if low < 0 or high >= config.num_labels:
             bad = low if low < 0 else high
@@ -1361,7 +1266,9 @@ class LocAtViTSegmentationHead(nn.Module):
 def tokens_to_feature_map(hidden_states: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
     """(batch, 1 + H*W, C) tokens -> (batch, C, H, W) map of the patch tokens."""
     patches = hidden_states[:, NUM_PREFIX_TOKENS:]
-    return patches.transpose(1, 2).reshape(patches.shape[0], patches.shape[-1], *grid_size)
+    # Contiguous, as DINOv2's maps: a channels-last view would give the 1x1 convs reading it channels-last weight
+    # gradients, which DDP's gradient buckets then copy on every step ("Grad strides do not match bucket view").
+    return patches.transpose(1, 2).reshape(patches.shape[0], patches.shape[-1], *grid_size).contiguous()
 
 
 @auto_docstring(
@@ -1374,10 +1281,11 @@ def tokens_to_feature_map(hidden_states: torch.Tensor, grid_size: tuple[int, int
 class LocAtViTForSemanticSegmentation(LocAtViTPreTrainedModel):
     # The loss is a mean over labelled pixels; the Trainer must not rescale it by its token count.
     accepts_loss_kwargs = False
+    interpolates_by_default = True
 
     def __init__(self, config: LocAtViTConfig):
         super().__init__(config)
-        self.locatvit = LocAtViTModel(config)
+        self.locatvit = LocAtViTModel(config, add_final_norm=False)
         self.decode_head = LocAtViTSegmentationHead(config)
         self.post_init()
         self.set_backbone_frozen(config.freeze_backbone)
@@ -1408,6 +1316,7 @@ class LocAtViTForSemanticSegmentation(LocAtViTPreTrainedModel):
         labels (`torch.LongTensor` of shape `(batch_size, height, width)`, *optional*):
             Ground-truth class per pixel, in `[0, config.num_labels)` or `config.semantic_loss_ignore_index`.
         """
+        interpolate_pos_encoding = self.interpolates(interpolate_pos_encoding)
         last_block, grid_size = self.locatvit.forward_features(pixel_values, interpolate_pos_encoding, **kwargs)
         logits = self.decode_head(tokens_to_feature_map(last_block, grid_size))
         loss = None
@@ -1426,6 +1335,8 @@ def check_segmentation_labels(labels: torch.Tensor, pixel_values: torch.Tensor, 
         )
     if labels.is_floating_point():
         raise TypeError(f"Segmentation `labels` must be an integer tensor of class ids, got {labels.dtype}.")
+    if not label_values_are_free(labels):
+        return
     valid = labels != config.semantic_loss_ignore_index
     if valid.any():
         values = labels[valid]
@@ -1446,12 +1357,19 @@ def check_segmentation_labels(labels: torch.Tensor, pixel_values: torch.Tensor, 
     """
 )
 class LocAtViTBackbone(BackboneMixin, LocAtViTPreTrainedModel):
+    interpolates_by_default = True
+
     def __init__(self, config: LocAtViTConfig):
         super().__init__(config)
         self.num_features = [config.hidden_size] * (config.num_hidden_layers + 1)
         self.embeddings = LocAtViTEmbeddings(config)
-        self.encoder = LocAtViTEncoder(config)
+        # Only the blocks up to the last returned stage: later ones would hold parameters no loss reaches (a checkpoint
+        # of the whole encoder loads, its later blocks reported as unused).
+        self.encoder = LocAtViTEncoder(config, num_layers=max(self.wanted_stages()))
         self.post_init()
+
+    def wanted_stages(self) -> set[int]:
+        return {index % len(self.stage_names) for index in self.out_indices}
 
     def get_input_embeddings(self) -> LocAtViTPatchEmbeddings:
         return self.embeddings.patch_embeddings
@@ -1465,13 +1383,15 @@ class LocAtViTBackbone(BackboneMixin, LocAtViTPreTrainedModel):
         interpolate_pos_encoding: bool | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> BackboneOutput:
-        hidden_states, grid_size = self.embeddings(pixel_values, interpolate_pos_encoding)
-        wanted = {index % len(self.stage_names) for index in self.out_indices}
-        # Blocks after the last wanted one are skipped unless the caller asked for every layer's outputs.
-        records_layers = kwargs.get("output_hidden_states") or kwargs.get("output_attentions")
-        last_wanted = len(self.encoder.layers) if records_layers else max(wanted)
+        wanted = self.wanted_stages()
+        if max(wanted) > len(self.encoder.layers):
+            raise ValueError(
+                f"`out_indices` {self.out_indices} asks for stage {max(wanted)}, but this backbone holds only the first "
+                f"{len(self.encoder.layers)} blocks: set `out_indices` in the config before building the model."
+            )
+        hidden_states, grid_size = self.embeddings(pixel_values, self.interpolates(interpolate_pos_encoding))
         feature_maps = [tokens_to_feature_map(hidden_states, grid_size)] if 0 in wanted else []
-        for index, layer in enumerate(self.encoder.layers[:last_wanted], start=1):
+        for index, layer in enumerate(self.encoder.layers, start=1):
             hidden_states = layer(hidden_states, grid_size, **kwargs)
             if index in wanted:
                 feature_maps.append(tokens_to_feature_map(hidden_states, grid_size))

@@ -1,0 +1,164 @@
+"""The contracts transformers' vision models keep, kept by every LocAtViT task model: distributed training without
+unused parameters, any input size for dense tasks, `from_pretrained` reporting (not refusing) missing weights, and
+`torch.compile(fullgraph=True)` of inference and of a training step."""
+
+import json
+import warnings
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel
+
+from locatvit_hf import (
+    LocAtViTBackbone,
+    LocAtViTForImageClassification,
+    LocAtViTForSemanticSegmentation,
+    LocAtViTModel,
+)
+
+from .conftest import tiny_config
+
+TASK_MODELS = [LocAtViTModel, LocAtViTForImageClassification, LocAtViTForSemanticSegmentation, LocAtViTBackbone]
+
+
+def build(model_class, **overrides):
+    return model_class(tiny_config(**overrides))
+
+
+def training_loss(model, pixel_values: torch.Tensor, forward=None) -> torch.Tensor:
+    """The loss a user trains each model with: its own for the task heads, a mean of the outputs otherwise.
+    `forward` (default: the model) runs it, e.g. a DDP wrapper of the model."""
+    forward = model if forward is None else forward
+    generator = torch.Generator().manual_seed(1)
+    if isinstance(model, LocAtViTForImageClassification):
+        return forward(pixel_values, labels=torch.randint(0, 5, (len(pixel_values),), generator=generator)).loss
+    if isinstance(model, LocAtViTForSemanticSegmentation):
+        labels = torch.randint(0, 5, (len(pixel_values), *pixel_values.shape[-2:]), generator=generator)
+        return forward(pixel_values, labels=labels).loss
+    if isinstance(model, LocAtViTBackbone):
+        return sum(feature_map.square().mean() for feature_map in forward(pixel_values).feature_maps)
+    return forward(pixel_values).last_hidden_state.square().mean()
+
+
+@pytest.mark.parametrize(
+    "model_class, overrides",
+    [(cls, {}) for cls in TASK_MODELS] + [(LocAtViTBackbone, {"out_indices": [1]})],
+    ids=lambda value: getattr(value, "__name__", str(value)),
+)
+def test_every_parameter_gets_a_gradient(model_class, overrides):
+    model = build(model_class, **overrides).train()
+    training_loss(model, torch.randn(2, 3, 32, 32)).backward()
+    without = [name for name, parameter in model.named_parameters() if parameter.grad is None]
+    assert not without, f"parameters outside the loss: {without}"
+
+
+def ddp_worker(rank: int, world_size: int, init_file: str, model_class_name: str, result_file: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        torch.manual_seed(0)
+        model = {cls.__name__: cls for cls in TASK_MODELS}[model_class_name](tiny_config()).train()
+        ddp = DistributedDataParallel(model, find_unused_parameters=False)
+        optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for step in range(2):
+                torch.manual_seed(step * world_size + rank)  # each rank its own batch
+                optimizer.zero_grad()
+                training_loss(model, torch.randn(2, 3, 32, 32), ddp).backward()
+                optimizer.step()
+        digest = [float(parameter.detach().double().sum()) for parameter in model.parameters()]
+        with open(f"{result_file}.{rank}", "w") as file:
+            json.dump({"digest": digest, "warnings": [str(w.message) for w in caught]}, file)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("model_class", TASK_MODELS, ids=lambda cls: cls.__name__)
+def test_two_process_ddp_steps_without_unused_parameters(tmp_path, model_class):
+    """Two steps of 2-process CPU DDP with `find_unused_parameters=False` (as transformers' example scripts under
+    `accelerate launch`): the second step fails if a parameter got no gradient in the first; the ranks end with the
+    same weights, and DDP warns of nothing (a gradient whose strides differ from its parameter's)."""
+    result = tmp_path / "result"
+    mp.spawn(ddp_worker, args=(2, str(tmp_path / "init"), model_class.__name__, str(result)), nprocs=2, join=True)
+    ranks = [json.loads((tmp_path / f"result.{rank}").read_text()) for rank in range(2)]
+    assert ranks[0]["digest"] == ranks[1]["digest"]
+    for rank in ranks:
+        assert not [message for message in rank["warnings"] if "stride" in message.lower()], rank["warnings"]
+
+
+@pytest.mark.parametrize("model_class", [LocAtViTForSemanticSegmentation, LocAtViTBackbone], ids=lambda c: c.__name__)
+def test_dense_models_take_any_size_by_default(model_class):
+    """As DINOv2: a crop of another size than the config's is taken without an argument (transformers' example
+    scripts pass none), a non-square one too; the config or the call can still refuse it."""
+    model = build(model_class).eval()
+    with torch.no_grad():
+        output = model(torch.randn(1, 3, 48, 40))
+    maps = output.feature_maps if model_class is LocAtViTBackbone else (output.logits,)
+    assert all(feature_map.shape[-2:] == (6, 5) for feature_map in maps)
+    with pytest.raises(ValueError, match="interpolate_pos_encoding=True"):
+        model(torch.randn(1, 3, 48, 40), interpolate_pos_encoding=False)
+    with pytest.raises(ValueError, match="interpolate_pos_encoding=True"):
+        build(model_class, interpolate_pos_encoding=False)(torch.randn(1, 3, 48, 40))
+
+
+@pytest.mark.parametrize("model_class", [LocAtViTModel, LocAtViTForImageClassification], ids=lambda c: c.__name__)
+def test_classification_keeps_vits_size_check(model_class):
+    model = build(model_class).eval()
+    with pytest.raises(ValueError, match="doesn't match the model's image size"):
+        model(torch.randn(1, 3, 48, 40))
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 48, 40), interpolate_pos_encoding=True) is not None
+        assert build(model_class, interpolate_pos_encoding=True)(torch.randn(1, 3, 48, 40)) is not None
+
+
+def test_from_pretrained_initializes_and_reports_missing_weights(tmp_path):
+    """transformers' contract: weights the checkpoint lacks are initialized and listed in the load report, weights
+    it holds that the model has no place for are listed too; nothing is raised."""
+    shallow = build(LocAtViTForImageClassification, num_hidden_layers=1)
+    shallow.save_pretrained(tmp_path / "shallow")
+    deeper, info = LocAtViTForImageClassification.from_pretrained(
+        tmp_path / "shallow", num_hidden_layers=2, output_loading_info=True
+    )
+    missing = set(info["missing_keys"])
+    assert missing == {key for key in deeper.state_dict() if key.startswith("locatvit.encoder.layers.1.")}
+    assert info["unexpected_keys"] == [] or not info["unexpected_keys"]
+    for key, value in shallow.state_dict().items():
+        assert torch.equal(deeper.state_dict()[key], value), key
+    fresh = deeper.locatvit.encoder.layers[1].attention.q_proj.weight
+    assert torch.isfinite(fresh).all() and fresh.std() > 0  # initialized, not left empty
+
+    again, info = LocAtViTForImageClassification.from_pretrained(
+        tmp_path / "shallow", num_hidden_layers=1, use_gaussian_attention=False, output_loading_info=True
+    )
+    assert info["unexpected_keys"] and all("gaussian_bias" in key for key in info["unexpected_keys"])
+    assert not info["missing_keys"]
+
+
+def test_saved_model_carries_no_card_code(tmp_path):
+    """The model card is written by the converter and the CLIs; the saved model code stays the modeling files."""
+    build(LocAtViTForImageClassification).save_pretrained(tmp_path)
+    assert not (tmp_path / "modelcard_locatvit.py").exists()
+    assert not (tmp_path / "README.md").exists()
+
+
+@pytest.mark.parametrize("model_class", TASK_MODELS, ids=lambda cls: cls.__name__)
+def test_fullgraph_compile_of_inference_and_a_training_step(model_class):
+    """`torch.compile(fullgraph=True)` traces inference and a training step with labels in one graph each (no host
+    sync on the labels), with the eager model's outputs and gradients."""
+    torch._dynamo.reset()
+    model = build(model_class)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    pixel_values = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        model.eval()
+        expected = training_loss(model, pixel_values)
+        torch.testing.assert_close(training_loss(model, pixel_values, compiled), expected, rtol=1e-5, atol=1e-6)
+    model.train()
+    training_loss(model, pixel_values, compiled).backward()
+    compiled_grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    training_loss(model, pixel_values).backward()
+    for name, parameter in model.named_parameters():
+        torch.testing.assert_close(compiled_grads[name], parameter.grad, rtol=1e-4, atol=1e-6, msg=name)
