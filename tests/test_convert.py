@@ -4,18 +4,22 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
-from transformers import AutoImageProcessor
+from torchvision.models import ResNet50_Weights
+from transformers import AutoImageProcessor, pipeline
 
 from locatvit_hf import (
     LocAtViTBackbone,
+    LocAtViTConfig,
     LocAtViTForImageClassification,
     LocAtViTForSemanticSegmentation,
     LocAtViTImageProcessor,
 )
-from locatvit_hf.convert import load_converted, main
+from locatvit_hf.convert import convert, load_converted, main
 
 
 def timm_state_dict(hidden=32, depth=2, heads=2, grid=4, patch=8, classes=5, gaug=True) -> dict:
@@ -199,3 +203,48 @@ def test_cli_errors_are_one_line(tmp_path):
 def test_main_returns_exit_code(tmp_path, capsys):
     assert main(["--checkpoint", str(tmp_path / "absent.pth"), "--output", str(tmp_path / "o")]) == 2
     assert capsys.readouterr().err.startswith("error: ")
+
+
+def imagenet_class_names() -> list[str]:
+    """torchvision's ImageNet-1k class list (shipped with the package: nothing is downloaded)."""
+    return ResNet50_Weights.IMAGENET1K_V1.meta["categories"]
+
+
+def save_original_folder(folder, classes: int):
+    """A folder like the authors' Hub repos: timm weights with a `classes`-way head, and a 32 px timm config."""
+    folder.mkdir()
+    save_file(timm_state_dict(classes=classes), str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps({"pretrained_cfg": {"input_size": [3, 32, 32]}}))
+    return folder
+
+
+def test_imagenet_classifier_answers_with_class_names(tmp_path):
+    output = tmp_path / "converted"
+    convert(str(save_original_folder(tmp_path / "original", classes=1000)), str(output))
+
+    config = LocAtViTConfig.from_pretrained(output)
+    assert "tabby" in config.id2label[281]
+    assert config.id2label == dict(enumerate(imagenet_class_names()))
+    assert config.label2id == {name: index for index, name in config.id2label.items()}
+    assert len(config.label2id) == 1000
+
+    classifier = pipeline("image-classification", model=str(output))
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8))
+    predictions = classifier(image, top_k=5)
+    assert len(predictions) == 5 and {p["label"] for p in predictions} <= set(imagenet_class_names())
+
+
+@pytest.mark.parametrize(
+    "classes, task, num_labels",
+    [(10, "image-classification", 10), (1000, "semantic-segmentation", 150), (1000, "backbone", 1000)],
+)
+def test_other_heads_keep_generic_class_names(tmp_path, classes, task, num_labels):
+    # Only a kept 1000-class head is ImageNet-1k's; a segmentation head is new, a backbone has none.
+    model = load_converted(str(save_original_folder(tmp_path / "original", classes)), task)
+    assert model.config.id2label == {index: f"LABEL_{index}" for index in range(num_labels)}
+
+
+def test_given_class_names_win(tmp_path):
+    id2label = {index: f"class {index}" for index in range(1000)}
+    model = load_converted(str(save_original_folder(tmp_path / "original", classes=1000)), id2label=id2label)
+    assert model.config.id2label == id2label

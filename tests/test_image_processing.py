@@ -1,5 +1,6 @@
 """The LocAtViT image processors reproduce the paper's classification and segmentation preprocessing (SPEC §5, §6)."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -7,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 from torchvision.transforms import v2
+from transformers import AutoImageProcessor
 from transformers.modeling_outputs import SemanticSegmenterOutput
 
 from locatvit_hf.image_processing_locatvit import LocAtViTImageProcessor, LocAtViTImageProcessorPil
@@ -225,3 +227,105 @@ def test_backends_agree(name):
         assert (fast.pixel_values - slow.pixel_values).abs().mean() <= BACKENDS_MEAN_ATOL
         assert fast.labels.shape == slow.labels.shape
         assert (fast.labels != slow.labels).float().mean() <= LABELS_BACKENDS_MAX_MISMATCH
+
+
+def translucent(image: Image.Image) -> Image.Image:
+    """`image` with an alpha channel running from transparent (left) to opaque (right)."""
+    alpha = np.broadcast_to(np.linspace(0, 255, image.width).astype(np.uint8), (image.height, image.width))
+    rgba = image.convert("RGBA")
+    rgba.putalpha(Image.fromarray(np.ascontiguousarray(alpha)))
+    return rgba
+
+
+@pytest.mark.parametrize("processor_class", BACKENDS)
+@pytest.mark.parametrize("mode", ["L", "LA", "RGBA", "P"])
+def test_grayscale_palette_and_rgba_images_become_rgb(processor_class, mode):
+    image = random_image(300, 400).convert(mode)  # LA/RGBA: opaque, so PIL's conversion to RGB is the reference
+    processor = processor_class()
+    pixel_values = processor(image, return_tensors="pt").pixel_values
+    assert pixel_values.shape == (1, 3, 224, 224)
+    expected = processor(image.convert("RGB"), return_tensors="pt").pixel_values
+    torch.testing.assert_close(pixel_values, expected, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("processor_class", BACKENDS)
+def test_transparency_is_composited_onto_white(processor_class):
+    # As in Transformers' `convert_to_rgb`: a transparent pixel is white, not the colour hidden under it.
+    image = translucent(random_image(300, 400))
+    white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+    processor = processor_class()
+    pixel_values = processor(image, return_tensors="pt").pixel_values
+    expected = processor(Image.alpha_composite(white, image).convert("RGB"), return_tensors="pt").pixel_values
+    torch.testing.assert_close(pixel_values, expected, atol=0, rtol=0)
+    assert not torch.equal(pixel_values, processor(image.convert("RGB"), return_tensors="pt").pixel_values)
+
+
+@pytest.mark.parametrize("processor_class", BACKENDS)
+@pytest.mark.parametrize("array_type", ["numpy", "torch"])
+@pytest.mark.parametrize(
+    "mode, layout", [("L", "HxW"), ("L", "1xHxW"), ("L", "HxWx1"), ("RGBA", "HxWx4"), ("RGBA", "4xHxW")]
+)
+def test_single_channel_and_rgba_arrays_become_rgb(processor_class, array_type, mode, layout):
+    image = random_image(300, 400).convert(mode)  # RGBA: opaque
+    array = np.array(image)  # HxW or HxWx4
+    if layout == "1xHxW":
+        array = array[None]
+    elif layout == "HxWx1":
+        array = array[..., None]
+    elif layout == "4xHxW":
+        array = np.ascontiguousarray(np.moveaxis(array, -1, 0))
+    processor = processor_class()
+    outputs = processor(torch.from_numpy(array) if array_type == "torch" else array, return_tensors="pt")
+    expected = processor(image.convert("RGB"), return_tensors="pt").pixel_values
+    torch.testing.assert_close(outputs.pixel_values, expected, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("processor_class", BACKENDS)
+def test_a_batch_of_mixed_modes(processor_class):
+    images = [random_image(300, 400).convert(mode) for mode in ("RGB", "L", "RGBA", "P")]
+    processor = processor_class()
+    pixel_values = processor(images, return_tensors="pt").pixel_values
+    assert pixel_values.shape == (4, 3, 224, 224)
+    for image, values in zip(images, pixel_values):
+        torch.testing.assert_close(values, processor(image.convert("RGB"), return_tensors="pt").pixel_values[0])
+
+
+@pytest.mark.parametrize("processor_class", BACKENDS)
+def test_convert_rgb_can_be_turned_off(processor_class):
+    gray = random_image(300, 400).convert("L")
+
+    # The images keep their own channels, for a normalization of as many.
+    kept = processor_class(do_convert_rgb=False, image_mean=[0.5], image_std=[0.5])(gray, return_tensors="pt")
+    assert kept.pixel_values.shape == (1, 1, 224, 224)
+    per_call = processor_class(image_mean=[0.5], image_std=[0.5])(gray, do_convert_rgb=False, return_tensors="pt")
+    torch.testing.assert_close(per_call.pixel_values, kept.pixel_values, atol=0, rtol=0)
+
+    # With the default three-channel normalization, the error names the option.
+    for image in (gray, random_image(300, 400).convert("RGBA")):
+        with pytest.raises(ValueError, match=r"channel\(s\) but the normalization .* set do_convert_rgb=True"):
+            processor_class(do_convert_rgb=False)(image, return_tensors="pt")
+
+
+@pytest.mark.parametrize("processor_class", BACKENDS)
+@pytest.mark.parametrize("do_convert_rgb", [True, False])
+def test_convert_rgb_is_saved(tmp_path, processor_class, do_convert_rgb):
+    processor_class(do_convert_rgb=do_convert_rgb).save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    assert saved["do_convert_rgb"] is do_convert_rgb
+    assert processor_class.from_pretrained(tmp_path).do_convert_rgb is do_convert_rgb
+
+
+def test_saved_processor_without_the_option_converts(tmp_path):
+    # A preprocessor_config.json written before the option existed converts too.
+    LocAtViTImageProcessor().save_pretrained(tmp_path)
+    config_file = tmp_path / "preprocessor_config.json"
+    saved = json.loads(config_file.read_text())
+    del saved["do_convert_rgb"]
+    config_file.write_text(json.dumps(saved))
+
+    processor = AutoImageProcessor.from_pretrained(tmp_path)
+    gray = random_image(300, 400).convert("L")
+    pixel_values = processor(gray, return_tensors="pt").pixel_values
+    assert pixel_values.shape == (1, 3, 224, 224)
+    expected = processor(gray.convert("RGB"), return_tensors="pt").pixel_values
+    torch.testing.assert_close(pixel_values, expected, atol=0, rtol=0)

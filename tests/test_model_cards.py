@@ -34,7 +34,7 @@ from locatvit_hf.modelcard_locatvit import (
 
 from .conftest import SAMPLES_DIR, tiny_config
 from .test_convert import timm_state_dict
-from .test_hub import MODEL_FILES, PROCESSOR_FILES, HubRecorder, fill_hub_cache, run_offline, save_tiny_repo
+from .test_hub import CARD, MODEL_FILES, PROCESSOR_FILES, HubRecorder, fill_hub_cache, run_offline, save_tiny_repo
 
 CARDS_DIR = Path(__file__).resolve().parents[1] / "model_cards"
 EXPECTED_METADATA = {
@@ -221,6 +221,7 @@ def test_every_card_has_snippets():
         {},
         {"use_gaussian_attention": False, "use_patch_refinement": False},
         {"qkv_bias": False, "image_size": [32, 48]},
+        {"out_indices": [1]},
     ],
 )
 def test_count_parameters_matches_the_model(model_class, task, overrides):
@@ -235,8 +236,9 @@ def test_count_parameters_of_tiny_is_specs():
 
 
 def test_card_of_a_custom_model_claims_nothing(tmp_path):
-    LocAtViTForSemanticSegmentation(tiny_config()).save_pretrained(tmp_path)
-    card = ModelCard.load(tmp_path / "README.md")
+    model = LocAtViTForSemanticSegmentation(tiny_config())
+    model.save_pretrained(tmp_path)
+    card = ModelCard(render_model_card(model.config, "semantic-segmentation", model_path=str(tmp_path)))
     assert card.data.pipeline_tag == "image-segmentation"
     assert card.data.license is None and card.data.datasets is None and card.data.base_model is None
     assert "does not know how the weights were trained" in card.text
@@ -279,10 +281,10 @@ def test_converter_pushes_the_release_with_its_committed_card(
     model = convert("sinahmr/locatvit_tiny", str(output), task, push_to_hub=f"locatvit-hf/{name}")
 
     assert hub.repos == [f"locatvit-hf/{name}"]
-    assert set(hub.files) == MODEL_FILES | PROCESSOR_FILES
+    assert set(hub.files) == MODEL_FILES | PROCESSOR_FILES | {CARD}
     assert hub.files["README.md"].decode() == card_text(name)
     assert (output / "README.md").read_text() == card_text(name)
-    assert model.config.interpolate_pos_encoding is (task == "semantic-segmentation")
+    assert model.interpolates(None) is (task == "semantic-segmentation")
     assert model.num_parameters() == count_parameters(model.config, task)
 
 
@@ -322,7 +324,7 @@ def test_converter_without_push_writes_the_card_next_to_the_weights(tmp_path, mo
     save_file(timm_state_dict(), str(checkpoint))
     output = tmp_path / "out"
     convert(str(checkpoint), str(output), "semantic-segmentation")
-    assert {p.name for p in output.iterdir()} == MODEL_FILES | PROCESSOR_FILES
+    assert {p.name for p in output.iterdir()} == MODEL_FILES | PROCESSOR_FILES | {CARD}
     card = ModelCard.load(output / "README.md")
     assert card.data.pipeline_tag == "image-segmentation"
     assert f'"{output}", trust_remote_code=True' in card.text

@@ -5,7 +5,8 @@
 
 `--checkpoint` is a `.safetensors`/`.pth`/`.pth.tar` file, a folder laid out like the authors' Hub repos
 (`model.safetensors` + timm `config.json`), or a Hub repo id. The architecture is read off the weights (SPEC §7);
-every tensor must be used, or the conversion stops with a one-line error (exit code 2).
+every tensor must be used, or the conversion stops with a one-line error (exit code 2). The weights carry no class
+names: a 1000-class classifier (an ImageNet-1k head) gets the ImageNet-1k names, any other head `LABEL_<i>`.
 """
 
 import argparse
@@ -22,6 +23,7 @@ from safetensors.torch import load_file
 
 from .configuration_locatvit import LocAtViTConfig
 from .image_processing_locatvit import LocAtViTImageProcessor
+from .modelcard_locatvit import converted_class_names
 from .modeling_locatvit import LocAtViTBackbone, LocAtViTForImageClassification, LocAtViTForSemanticSegmentation
 
 TASKS = {
@@ -185,7 +187,8 @@ def expected_original_keys(config: LocAtViTConfig) -> list[str]:
 
 def convert_state_dict(state_dict: dict[str, torch.Tensor], config: LocAtViTConfig, task: str) -> dict:
     """timm keys -> keys of the model class for `task`. Tensors the task has no place for (the classifier for a
-    segmentation model, the final norm for a backbone) are dropped; any other unused tensor is an error."""
+    segmentation model; the final norm, which only the classifier reads, for the others) are dropped; any other
+    unused tensor is an error."""
     missing = sorted(set(expected_original_keys(config)) - set(state_dict))
     if missing:
         raise ConversionError(f"missing keys in the checkpoint: {missing}.")
@@ -207,7 +210,7 @@ def convert_state_dict(state_dict: dict[str, torch.Tensor], config: LocAtViTConf
     for kind in ("weight", "bias"):
         if f"norm.{kind}" in source:
             norm = source.pop(f"norm.{kind}")
-            if task != "backbone":
+            if task == "image-classification":
                 converted[f"layernorm.{kind}"] = norm
         if f"head.{kind}" in source:
             head = source.pop(f"head.{kind}")
@@ -234,6 +237,8 @@ def build_converted(state_dict: dict, timm_config: dict, task: str, **config_ove
     if task == "semantic-segmentation" and "num_labels" not in config_overrides:
         config_overrides["num_labels"] = 150  # ADE20K, the paper's main benchmark; a new head is trained anyway
     config = config_from_original(state_dict, timm_config, **config_overrides)
+    if "id2label" not in config_overrides:  # names the caller gives win over the ImageNet-1k ones
+        config.update(converted_class_names(task, config.num_labels))
     model = TASKS[task](config)
     converted = convert_state_dict(state_dict, config, task)
     expected = model.state_dict()

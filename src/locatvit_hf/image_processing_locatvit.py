@@ -49,6 +49,43 @@ def get_fit_within_output_size(image_size: tuple[int, int], shortest_edge: int, 
     return int(height * scale + 0.5), int(width * scale + 0.5)
 
 
+def add_grayscale_channel_axis(images: ImageInput, input_data_format: ChannelDimension | str | None) -> ImageInput:
+    """
+    Give each 2-D array or tensor, a grayscale image (what `np.array` makes of a mode "L" photo), its channel axis.
+    Transformers takes only 3-D images and refuses 2-D ones with "Could not make a flat list of images".
+    """
+    if isinstance(images, (list, tuple)):
+        return [add_grayscale_channel_axis(image, input_data_format) for image in images]
+    if not (isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 2):
+        return images
+    channels_last = input_data_format is not None and ChannelDimension(input_data_format) == ChannelDimension.LAST
+    return images[..., None] if channels_last else images[None]
+
+
+def check_channels_match_mean(images: list, image_mean: float | list[float] | None, do_convert_rgb: bool) -> None:
+    """
+    Refuse images whose channels do not match the normalization's mean, naming the fix: the backends would fail on
+    them with a bare broadcast error.
+    """
+    if not isinstance(image_mean, (list, tuple)):
+        return
+    for image in images:
+        channels = image.shape[0]
+        if channels == len(image_mean):
+            continue
+        if not do_convert_rgb and len(image_mean) == 3:
+            fix = "set do_convert_rgb=True (the default) to convert grayscale, palette and RGBA images to RGB"
+        elif do_convert_rgb:
+            fix = (
+                "set do_convert_rgb=False to keep the images' own channels, or give image_mean and image_std 3 values"
+            )
+        else:
+            fix = f"pass {len(image_mean)}-channel images, or an image_mean and image_std of {channels} values"
+        raise ValueError(
+            f"An image has {channels} channel(s) but the normalization (image_mean) has {len(image_mean)}: {fix}."
+        )
+
+
 class LocAtViTImageProcessorKwargs(ImagesKwargs, total=False):
     r"""
     do_reduce_labels (`bool`, *optional*, defaults to `self.do_reduce_labels`):
@@ -68,6 +105,9 @@ class LocAtViTImageProcessorMixin:
     image_std = IMAGENET_STANDARD_STD
     size = {"shortest_edge": 248}
     default_to_square = False
+    # Grayscale, palette and RGBA images become RGB (transparency composited onto white), as with Transformers' own
+    # image processors: the models and the normalization take three channels.
+    do_convert_rgb = True
     crop_size = {"height": 224, "width": 224}
     do_resize = True
     do_center_crop = True
@@ -103,8 +143,13 @@ class LocAtViTImageProcessorMixin:
         **kwargs,
     ) -> BatchFeature:
         images = self._prepare_image_like_inputs(
-            images, do_convert_rgb=do_convert_rgb, input_data_format=input_data_format, device=kwargs.get("device")
+            add_grayscale_channel_axis(images, input_data_format),
+            do_convert_rgb=do_convert_rgb,
+            input_data_format=input_data_format,
+            device=kwargs.get("device"),
         )
+        if kwargs.get("do_normalize"):
+            check_channels_match_mean(images, kwargs.get("image_mean"), do_convert_rgb)
         image_kwargs = {**kwargs, "do_reduce_labels": False, "return_tensors": None}
         data = {"pixel_values": self._preprocess(images, **image_kwargs)["pixel_values"]}
 

@@ -1,14 +1,11 @@
 """Model cards (the Hub's `README.md`) for LocAtViT models.
 
 One renderer serves the committed cards in `model_cards/`, the converter (`python -m locatvit_hf.convert`, which
-renders the card of what it converted) and `save_pretrained` (which writes a card into a folder that has none).
+renders the card of what it converted) and the example scripts (the card of what they trained).
 After changing this file, regenerate the committed cards, or check that they are up to date:
 
     python -m locatvit_hf.modelcard_locatvit --write model_cards
     python -m locatvit_hf.modelcard_locatvit --check model_cards   # exit code 1 when a card is out of date
-
-`save_pretrained` copies this file next to the model files as Hub remote code, so it imports only the standard
-library, `huggingface_hub` (a Transformers dependency) and its sibling files.
 """
 
 import argparse
@@ -23,6 +20,8 @@ from .configuration_locatvit import PRESETS, LocAtViTConfig
 HUB_ORGANIZATION = "locatvit-hf"
 ARXIV_ID = "2603.04892"
 ARXIV_URL = f"https://arxiv.org/abs/{ARXIV_ID}"
+# Classes of an ImageNet-1k head: a converted classifier with this many gets the ImageNet-1k class names.
+IMAGENET_NUM_CLASSES = 1000
 # The authors' released checkpoints (timm format) that `locatvit_hf.convert` reads, and their size.
 AUTHOR_CHECKPOINTS = {"sinahmr/locatvit_tiny": "tiny", "sinahmr/locatvit_base": "base"}
 # SPEC §5: the only result of the paper that this project quotes.
@@ -82,10 +81,35 @@ def task_for_model(model) -> str:
     return "feature-extraction"
 
 
+def imagenet_id2label() -> dict[int, str]:
+    """
+    The ImageNet-1k class names by class index, in the order that timm's and torchvision's ImageNet heads (and so the
+    authors' checkpoints) share. They come from the metadata that torchvision ships with its weights enums: local, no
+    download, and no copy of the list to keep in sync here.
+    """
+    from torchvision.models import ResNet50_Weights  # on use: only 1000-class classifiers need it
+
+    return dict(enumerate(ResNet50_Weights.IMAGENET1K_V1.meta["categories"]))
+
+
+def converted_class_names(task: str, num_labels: int | None) -> dict:
+    """
+    The `id2label`/`label2id` config fields for a converted checkpoint, whose weights carry no class names. A
+    1000-class classifier has an ImageNet-1k head (the authors released no other), so it gets ImageNet-1k's names and
+    predictions read "tabby" rather than "LABEL_281". Any other head's classes are unknown: an empty dict keeps
+    Transformers' `LABEL_<i>` names.
+    """
+    if task != "image-classification" or num_labels != IMAGENET_NUM_CLASSES:
+        return {}
+    id2label = imagenet_id2label()
+    return {"id2label": id2label, "label2id": {label: index for index, label in id2label.items()}}
+
+
 def release_config(name: str) -> LocAtViTConfig:
     """The configuration of a release, as `locatvit_hf.convert` builds it from the authors' checkpoint."""
     release = RELEASES[name]
     overrides = {"interpolate_pos_encoding": True} if release.task == "semantic-segmentation" else {}
+    overrides.update(converted_class_names(release.task, release.num_labels))
     return LocAtViTConfig.from_preset(release.preset, num_labels=release.num_labels, **overrides)
 
 
@@ -124,10 +148,11 @@ def count_parameters(config, task: str) -> int:
     gaussian = 3 * (hidden // config.num_attention_heads) + 3 if config.use_gaussian_attention else 0
     mlp = 2 * hidden * config.intermediate_size + config.intermediate_size + hidden
     layer = 4 * hidden + qkv + hidden * hidden + hidden + gaussian + mlp
+    if task == "backbone":  # the blocks up to the last returned stage
+        return embeddings + max(index % (layers + 1) for index in config.out_indices) * layer
     total = embeddings + layers * layer
-    if task == "backbone":
-        return total
-    total += 2 * hidden  # final LayerNorm
+    if task != "semantic-segmentation":
+        total += 2 * hidden  # final LayerNorm, which the segmentation head does not read
     if task == "image-classification" and config.num_labels > 0:
         total += hidden * config.num_labels + config.num_labels
     elif task == "semantic-segmentation":
@@ -273,13 +298,25 @@ def _weights_section(config, task, source_checkpoint, author_source, untrained) 
                 f" `id2label` holds generic names (`LABEL_0` ... `LABEL_{config.num_labels - 1}`); training with "
                 "class names (e.g. `--label_names_file objectInfo150.csv` for ADE20K) sets the real ones."
             )
-    if task == "image-classification" and _generic_labels(config):
-        text += (
-            f" The original checkpoint carries no class names, so `id2label` holds `LABEL_0` ... "
-            f"`LABEL_{config.num_labels - 1}`"
-            + (": map them with the ImageNet-1k class list." if config.num_labels == 1000 else ".")
-        )
+    if task == "image-classification":
+        text += _class_names_note(config)
     return text
+
+
+def _class_names_note(config) -> str:
+    """Where the class names of a converted classifier come from: the original checkpoints carry none."""
+    if _generic_labels(config):
+        return (
+            f" The original checkpoint carries no class names, so `id2label` holds `LABEL_0` ... "
+            f"`LABEL_{config.num_labels - 1}`."
+        )
+    if config.num_labels == IMAGENET_NUM_CLASSES and config.id2label == imagenet_id2label():
+        return (
+            " The original checkpoint carries no class names; its 1000 classes are ImageNet-1k's, so `id2label` holds "
+            "the ImageNet-1k class names (torchvision's list, in the class order that timm and torchvision share): "
+            "predictions read e.g. `tabby`, not `LABEL_281`."
+        )
+    return ""
 
 
 def _generic_labels(config) -> bool:
