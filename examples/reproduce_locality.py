@@ -373,12 +373,8 @@ def probe_start(pretrained: Path, names: list[str], seed: int, directory: Path) 
     segmentation classes, initialized as `LocAtViTPreTrainedModel._init_weights` describes (truncated normal 0.02 for
     both 1x1 convs, zero bias, GroupNorm 1/0) from a generator seeded with `seed`.
 
-    Built here rather than by `run_semantic_segmentation.py --model_name_or_path <classification checkpoint>`, because
-    that path currently fails in two ways (transformers 5.24): `PreTrainedConfig.from_dict` sets the new `num_labels`
-    (9) before the new `id2label`, so `LocAtViTConfig`'s label check raises against the checkpoint's 8 image classes;
-    and the head that `from_pretrained` creates for the missing `decode_head.*` keys is left uninitialized (NaN), as
-    `_init_weights` is not applied to its Conv2d/GroupNorm. The script then only ever sees a complete segmentation
-    checkpoint."""
+    Built here rather than by `run_semantic_segmentation.py --model_name_or_path <classification checkpoint>` so that
+    the head's initial weights depend on `seed` alone, not on the global generator's state."""
     import torch
 
     from locatvit_hf import LocAtViTConfig, LocAtViTForImageClassification, LocAtViTForSemanticSegmentation
@@ -390,7 +386,8 @@ def probe_start(pretrained: Path, names: list[str], seed: int, directory: Path) 
     with _TORCH_RNG:  # constructing draws from the global generator (all of it is overwritten below)
         model = LocAtViTForSemanticSegmentation(config)
     classifier = LocAtViTForImageClassification.from_pretrained(pretrained)
-    model.locatvit.load_state_dict(classifier.locatvit.state_dict(), strict=True)
+    backbone = classifier.locatvit.state_dict()  # its final norm, which only the classifier reads, stays behind
+    model.locatvit.load_state_dict({key: backbone[key] for key in model.locatvit.state_dict()}, strict=True)
     generator = torch.Generator().manual_seed(seed)
     head = model.decode_head
     with torch.no_grad():

@@ -43,6 +43,7 @@ from locatvit_hf.training import (
     one_cycle_settings,
     parse_config_overrides,
     parse_run_arguments,
+    pin_memory_only_with_accelerator,
     publish,
     synthetic_dataset,
     train_and_evaluate,
@@ -227,6 +228,7 @@ def build_parser() -> HfArgumentParser:
         do_eval=True,
     )
     enable_cpu_data_parallel(parser)
+    pin_memory_only_with_accelerator(parser)
     return parser
 
 

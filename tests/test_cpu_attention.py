@@ -1,7 +1,11 @@
 """The fused CPU inference kernel (`cpu_attention_locatvit`) equals sdpa reading the written bias, and the model uses
 it exactly where it should."""
 
+import logging
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -9,7 +13,7 @@ import torch.nn.functional as F
 
 import locatvit_hf.modeling_locatvit as modeling
 from locatvit_hf import LocAtViTForImageClassification, LocAtViTForSemanticSegmentation
-from locatvit_hf.cpu_attention_locatvit import CAPABILITY_FLAGS, _load, fused_cpu_attention
+from locatvit_hf.cpu_attention_locatvit import CAPABILITY_FLAGS, KernelBuild, _load, fused_cpu_attention
 from locatvit_hf.modeling_locatvit import NUM_PREFIX_TOKENS, LocAtViTGaussianBias
 
 from .conftest import assert_same_training_step, tiny_config
@@ -305,3 +309,49 @@ def test_avx2_build_equals_the_reference(kernel, grid):
     for name, actual, reference in zip(["query", "key", "value", "row", "col"], grads, expected_grads):
         assert (actual - reference).norm() <= 1e-5 * reference.norm(), name
     assert_profiles_kernel_equals_the_formula(operators.gaussian_profiles_, grid)
+
+
+def build_messages(caplog) -> list[str]:
+    """The loader's announcements of a compilation in the captured log."""
+    return [record.getMessage() for record in caplog.records if "Compiling" in record.getMessage()]
+
+
+def test_cached_kernel_loads_without_a_build_message(kernel, caplog):
+    caplog.set_level(logging.INFO, logger="locatvit_hf.cpu_attention_locatvit")
+    assert _load.__wrapped__() is not None
+    assert build_messages(caplog) == []
+
+
+def test_build_is_announced_until_the_library_is_cached(kernel, caplog, monkeypatch, tmp_path):
+    """An empty extension cache announces the build (where, and what it does); the library in place and the stamp of
+    its inputs written, the next load is silent. The compiler is not run: `load_inline` is replaced."""
+    from torch.utils import cpp_extension
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setattr(cpp_extension, "load_inline", lambda *args, **kwargs: None)
+    caplog.set_level(logging.INFO, logger="locatvit_hf.cpu_attention_locatvit")
+    capability = torch.backends.cpu.get_cpu_capability()
+    assert _load.__wrapped__(capability) is not None
+    (message,) = build_messages(caplog)
+    assert str(tmp_path) in message and capability in message
+    build = KernelBuild(capability)
+    (tmp_path / build.extension_name / f"{build.extension_name}.so").touch()  # what the build would have left
+    caplog.clear()
+    assert _load.__wrapped__(capability) is not None
+    assert build_messages(caplog) == []
+
+
+def test_loading_torch_extension_tools_hides_only_the_cuda_runtime_warning():
+    """`torch.utils.cpp_extension` warns "No CUDA runtime is found" when it is imported by a CUDA build of PyTorch on
+    a machine without a GPU, where the CPU kernel is built; the loader imports it without that warning."""
+    if not (torch.cuda._is_compiled() and torch.version.cuda):
+        pytest.skip("only CUDA builds of PyTorch look for a CUDA toolkit")
+    env = {**os.environ, "CUDA_HOME": "/nonexistent/cuda", "CUDA_VISIBLE_DEVICES": ""}
+
+    def stderr_of(code: str) -> str:
+        command = [sys.executable, "-c", f"import logging; logging.basicConfig(); {code}"]
+        return subprocess.run(command, env=env, capture_output=True, text=True, timeout=120, check=True).stderr
+
+    assert "No CUDA runtime is found" in stderr_of("import torch.utils.cpp_extension")  # the warning this hides
+    quiet = "from locatvit_hf.cpu_attention_locatvit import _import_cpp_extension; _import_cpp_extension()"
+    assert "No CUDA runtime is found" not in stderr_of(quiet)

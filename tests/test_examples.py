@@ -1,5 +1,6 @@
 """End-to-end runs of examples/run_*.py on tiny generated data: one process, torchrun and accelerate (CPU DDP)."""
 
+import importlib.util
 import json
 import math
 import os
@@ -16,8 +17,13 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoModelForImageClassification, AutoModelForSemanticSegmentation, pipeline
 
-from locatvit_hf import LocAtViTForSemanticSegmentation
-from locatvit_hf.training import parameter_digest, write_synthetic_ade20k, write_synthetic_imagefolder
+from locatvit_hf import LocAtViTForImageClassification, LocAtViTForSemanticSegmentation
+from locatvit_hf.training import (
+    SYNTHETIC_CLASS_NAMES,
+    parameter_digest,
+    write_synthetic_ade20k,
+    write_synthetic_imagefolder,
+)
 
 from .conftest import tiny_config
 
@@ -228,3 +234,56 @@ def test_segmentation_resume_and_full_finetune(workspace):
     key = "locatvit.encoder.layers.0.attention.q_proj.weight"
     assert not torch.equal(checkpoint[key], after[key])  # it trained after resuming
     assert not torch.equal(before[key], checkpoint[key])  # --full_finetune trains the backbone
+
+
+def load_script(path: Path):
+    """An example script imported as a module (its `main` is not run)."""
+    spec = importlib.util.spec_from_file_location(f"locatvit_example_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_demo_model_overrides_only_when_no_model_is_named(tmp_path):
+    """The demo's small-model overrides build the default model; a named checkpoint or preset keeps its own
+    architecture, and --config_overrides given on the command line always apply."""
+    script = load_script(SEGMENTATION)
+
+    def parsed_model_args(*argv):
+        argv = [*argv, "--output_dir", str(tmp_path)]
+        return script.build_parser(argv).parse_args_into_dataclasses(args=argv)[0]
+
+    demo = parsed_model_args()
+    assert (demo.model_name_or_path, demo.config_overrides) == (script.DEMO_MODEL, script.DEMO_CONFIG_OVERRIDES)
+    for named in ("some/checkpoint", "small"):
+        model_args = parsed_model_args("--model_name_or_path", named)
+        assert (model_args.model_name_or_path, model_args.config_overrides) == (named, None)
+    explicit = parsed_model_args("--model_name_or_path", "x", "--config_overrides", "drop_path_rate=0.1")
+    assert explicit.config_overrides == "drop_path_rate=0.1"
+
+
+def test_segmentation_demo_from_a_classification_checkpoint(workspace, tmp_path):
+    """The demo (no data argument) started from a saved classification model: the checkpoint's architecture is kept
+    (the demo's defaults, an integer `patch_size` among them, describe a new model and are not applied), the head is
+    new for the demo's classes, the frozen backbone is the checkpoint's, and the run writes its outputs."""
+    checkpoint = tmp_path / "classifier"
+    LocAtViTForImageClassification(tiny_config(num_labels=8)).save_pretrained(checkpoint)
+    output_dir = tmp_path / "seg-from-classifier"
+    args = [
+        "--model_name_or_path", str(checkpoint), "--synthetic_train_samples", "8", "--synthetic_eval_samples", "2",
+        "--crop_size", "32", "--train_scale", "64", "48", "--eval_scale", "48", "32", "--max_steps", "2",
+        "--num_overlay_images", "2", "--output_dir", str(output_dir), *COMMON,
+    ]  # fmt: skip
+    output = run(SEGMENTATION, args, workspace["home"])
+    results = read_results(output_dir)
+    assert results["train_global_step"] == 2 and 0.0 <= results["eval_mean_iou"] <= 1.0
+    model = AutoModelForSemanticSegmentation.from_pretrained(output_dir)
+    assert type(model).__name__ == "LocAtViTForSemanticSegmentation"
+    assert (model.config.hidden_size, tuple(model.config.patch_size)) == (32, (8, 8))
+    assert list(model.config.id2label.values()) == list(SYNTHETIC_CLASS_NAMES)
+    assert digests(output) == {0: parameter_digest(model)}
+    assert (output_dir / "predictions.png").is_file()
+    before = load_file(checkpoint / "model.safetensors")
+    after = load_file(output_dir / "model.safetensors")
+    backbone = [key for key in after if key.startswith("locatvit.")]  # the classifier's final norm is unused
+    assert len(backbone) > 20 and all(torch.equal(before[key], after[key]) for key in backbone)

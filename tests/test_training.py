@@ -9,7 +9,8 @@ from PIL import Image
 from torch.nn import functional as F
 from transformers import HfArgumentParser, TrainingArguments
 
-from locatvit_hf import LocAtViTForSemanticSegmentation
+import locatvit_hf.training as training
+from locatvit_hf import LocAtViTForImageClassification, LocAtViTForSemanticSegmentation
 from locatvit_hf.training import (
     SYNTHETIC_NUM_LABELS,
     ClassificationLoss,
@@ -18,10 +19,12 @@ from locatvit_hf.training import (
     TopKAccuracy,
     confusion_matrix,
     enable_cpu_data_parallel,
+    load_locatvit,
     logits_to_label_size,
     make_synthetic_scenes,
     one_cycle_lambda,
     parameter_digest,
+    pin_memory_only_with_accelerator,
     render_synthetic_scene,
     write_synthetic_ade20k,
 )
@@ -236,6 +239,35 @@ def test_enable_cpu_data_parallel(monkeypatch):
     if enabled:
         assert os.environ["ACCELERATE_USE_CPU"] == "true"
         assert parser.get_default("use_cpu") is True
+
+
+@pytest.mark.parametrize("accelerator", [False, True])
+def test_pin_memory_only_with_accelerator(monkeypatch, tmp_path, accelerator):
+    """Pinned memory is the default only where there is an accelerator to copy to; the command line still wins."""
+    monkeypatch.setattr(training, "accelerator_available", lambda: accelerator)
+
+    def pin_memory(*argv):
+        parser = HfArgumentParser(TrainingArguments)
+        assert pin_memory_only_with_accelerator(parser) is accelerator
+        (args,) = parser.parse_args_into_dataclasses(args=["--output_dir", str(tmp_path), *argv])
+        return args.dataloader_pin_memory
+
+    assert pin_memory() is accelerator
+    assert pin_memory("--dataloader_pin_memory", str(not accelerator).lower()) is (not accelerator)
+
+
+def test_load_locatvit_applies_overrides_to_a_checkpoint_through_the_config(tmp_path):
+    """Overrides of a saved model's configuration are normalized as the constructor does (an integer `patch_size`
+    becomes a pair), and new class names replace the checkpoint's, for another head type too."""
+    LocAtViTForImageClassification(tiny_config(num_labels=8)).save_pretrained(tmp_path)
+    id2label = {index: f"class {index}" for index in range(3)}
+    label2id = {name: index for index, name in id2label.items()}
+    overrides = {"patch_size": 8, "num_labels": 3, "id2label": id2label, "label2id": label2id}
+    model = load_locatvit("semantic-segmentation", str(tmp_path), overrides)
+    assert tuple(model.config.patch_size) == (8, 8) and model.config.id2label == id2label
+    assert model(torch.randn(1, 3, 32, 32)).logits.shape == (1, 3, 4, 4)
+    relabelled = load_locatvit("image-classification", str(tmp_path), {"num_labels": 2})
+    assert relabelled.config.num_labels == 2 and relabelled.classifier.out_features == 2
 
 
 def test_parameter_digest():

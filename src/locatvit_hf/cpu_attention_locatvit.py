@@ -17,10 +17,15 @@ environment, the model writes the mask for `sdpa` instead (same results within f
 """
 
 import functools
+import hashlib
 import logging
 import os
+import sys
 import threading
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -565,6 +570,130 @@ CAPABILITY_FLAGS = {
 
 _build_lock = threading.Lock()
 
+# Written next to the built library once it loaded: the fingerprint of everything the build depends on.
+BUILD_STAMP = "locatvit_build_stamp.txt"
+
+
+class _DropMessage(logging.Filter):
+    """Drops the log records whose message starts with `prefix`, and only those."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
+def _import_cpp_extension():
+    """`torch.utils.cpp_extension`, imported without its "No CUDA runtime is found" warning. The module looks for a
+    CUDA toolkit when it is imported and warns on CUDA builds of PyTorch running without a GPU, which is exactly where
+    this CPU kernel is built: there the warning says nothing about this kernel, whose build needs no CUDA."""
+    torch_logger = logging.getLogger("torch.utils.cpp_extension")
+    quiet = _DropMessage("No CUDA runtime is found")
+    torch_logger.addFilter(quiet)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        torch_logger.removeFilter(quiet)
+    return cpp_extension
+
+
+@dataclass(frozen=True)
+class KernelBuild:
+    """What `torch.utils.cpp_extension.load_inline` is given to build the kernel for one instruction set."""
+
+    capability: str
+
+    @property
+    def extension_name(self) -> str:
+        return f"locatvit_cpu_attention_{self.capability.lower()}"
+
+    @property
+    def namespace(self) -> str:
+        """The operators' namespace, `torch.ops.<namespace>`: one per instruction set, so both builds can load."""
+        return f"locatvit_cpu_{self.capability.lower()}"
+
+    @property
+    def cflags(self) -> list[str]:
+        capability = self.capability
+        flags = ["-O3", "-fopenmp", f"-DCPU_CAPABILITY={capability}", f"-DCPU_CAPABILITY_{capability}"]
+        return [*flags, f"-DLOCATVIT_NAMESPACE={self.namespace}", *CAPABILITY_FLAGS[capability]]
+
+    @property
+    def ldflags(self) -> list[str]:
+        return ["-fopenmp"]
+
+    def fingerprint(self) -> str:
+        """SHA-256 of what decides whether torch's cached build is still valid: the source, the flags, the compiler,
+        the Python and the PyTorch build (its version and its headers' modification time, which a reinstall changes
+        and ninja compares)."""
+        headers = Path(torch.__file__).parent / "include" / "torch" / "extension.h"
+        parts = [
+            KERNEL_SOURCE,
+            *self.cflags,
+            *self.ldflags,
+            os.environ.get("CXX", "c++"),
+            sys.version,
+            torch.__version__,
+            str(torch.version.git_version),
+            str(headers.stat().st_mtime_ns) if headers.is_file() else "no headers",
+        ]
+        return hashlib.sha256("\0".join(parts).encode()).hexdigest()
+
+    def build_directory(self, cpp_extension) -> Path | None:
+        """Where torch builds and caches the extension (`TORCH_EXTENSIONS_DIR`, else under `~/.cache`), or None if
+        this PyTorch does not say."""
+        try:
+            return Path(cpp_extension._get_build_directory(self.extension_name, verbose=False))
+        except (AttributeError, OSError, TypeError):
+            return None
+
+    def is_cached(self, build_directory: Path | None) -> bool:
+        """Whether torch will load the library from its cache without compiling: the library is there and was built
+        from these very inputs (the stamp `mark_cached` wrote after that build loaded)."""
+        if build_directory is None:
+            return False
+        stamp = build_directory / BUILD_STAMP
+        library = build_directory / f"{self.extension_name}.so"
+        return library.is_file() and stamp.is_file() and stamp.read_text().strip() == self.fingerprint()
+
+    def mark_cached(self, build_directory: Path | None) -> None:
+        """Record that the library in `build_directory` is the build of these inputs (best effort: a read-only cache
+        only means the next load announces a build again)."""
+        if build_directory is None:
+            return
+        try:
+            (build_directory / BUILD_STAMP).write_text(self.fingerprint() + "\n")
+        except OSError:
+            pass
+
+
+def _build_and_load(build: KernelBuild) -> None:
+    """Compile the kernel (or load torch's cached build of it) and load its operators into `torch.ops`. The build
+    takes about 30 s and is announced; a cached load takes well under a second and is silent."""
+    cpp_extension = _import_cpp_extension()
+    build_directory = build.build_directory(cpp_extension)
+    compiles = not build.is_cached(build_directory)
+    if compiles:
+        logger.info(
+            "Compiling LocAtViT's fused CPU attention kernel for %s with the C++ compiler and ninja into %s (about 30 "
+            "s, once per machine and PyTorch version; later runs load it from there).",
+            build.capability,
+            build_directory or "torch's extension cache",
+        )
+    start = time.perf_counter()
+    cpp_extension.load_inline(
+        build.extension_name,
+        cpp_sources=KERNEL_SOURCE,
+        extra_cflags=build.cflags,
+        extra_ldflags=build.ldflags,
+        is_python_module=False,
+    )
+    if compiles:
+        logger.info("Built LocAtViT's fused CPU attention kernel in %.0f s.", time.perf_counter() - start)
+        build.mark_cached(build_directory)
+
 
 @functools.cache
 def _load(capability: str | None = None) -> object | None:
@@ -573,23 +702,13 @@ def _load(capability: str | None = None) -> object | None:
     capability = capability or torch.backends.cpu.get_cpu_capability()
     if os.environ.get("LOCATVIT_CPU_KERNEL", "1") == "0" or capability not in CAPABILITY_FLAGS:
         return None
-    name = f"locatvit_cpu_{capability.lower()}"
+    build = KernelBuild(capability)
     try:
-        from torch.utils import cpp_extension
-
-        logger.info("Building LocAtViT's fused CPU attention kernel (once per machine, about 30 s).")
-        flags = ["-O3", "-fopenmp", f"-DCPU_CAPABILITY={capability}", f"-DCPU_CAPABILITY_{capability}"]
-        cpp_extension.load_inline(
-            f"locatvit_cpu_attention_{capability.lower()}",
-            cpp_sources=KERNEL_SOURCE,
-            extra_cflags=[*flags, f"-DLOCATVIT_NAMESPACE={name}", *CAPABILITY_FLAGS[capability]],
-            extra_ldflags=["-fopenmp"],
-            is_python_module=False,
-        )
+        _build_and_load(build)
     except Exception as error:  # no compiler, no ninja, a failed build: the stock path serves
         logger.warning("LocAtViT's fused CPU attention kernel is unavailable (%s); using sdpa with a mask.", error)
         return None
-    operators = getattr(torch.ops, name)
+    operators = getattr(torch.ops, build.namespace)
     if not operators.has_blas():
         logger.warning("LocAtViT's fused CPU attention kernel found no BLAS in this PyTorch; using sdpa with a mask.")
         return None

@@ -72,6 +72,18 @@ def enable_cpu_data_parallel(parser=None) -> bool:
     return True
 
 
+def pin_memory_only_with_accelerator(parser) -> bool:
+    """Make `--dataloader_pin_memory` default to whether this process sees an accelerator, and return that default.
+
+    Pinned (page-locked) host memory only speeds up copies to an accelerator. `TrainingArguments` pins by default, and
+    without an accelerator every DataLoader then warns that `pin_memory` is set but unused. Given on the command line,
+    `--dataloader_pin_memory` still wins.
+    """
+    pin = accelerator_available()
+    parser.set_defaults(dataloader_pin_memory=pin)
+    return pin
+
+
 def parameter_digest(model: torch.nn.Module) -> str:
     """SHA-256 of every tensor of the state dict (name, dtype, shape and bytes): equal digests = identical weights."""
     digest = hashlib.sha256()
@@ -773,6 +785,7 @@ __all__ = [
     "make_synthetic_scenes",
     "metrics_from_confusion",
     "parameter_digest",
+    "pin_memory_only_with_accelerator",
     "render_synthetic_scene",
     "synthetic_dataset",
     "synthetic_sizes",
@@ -802,6 +815,22 @@ def parse_config_overrides(overrides: str | None) -> dict:
     return result
 
 
+def checkpoint_config(name_or_path: str, config_overrides: dict, hub_kwargs: dict):
+    """The saved configuration of a Transformers LocAtViT checkpoint with `config_overrides` applied.
+
+    The overrides go through the configuration's constructor, which normalizes and checks them (`patch_size=8` becomes
+    (8, 8)); `from_pretrained(..., patch_size=8)` would set them on the loaded configuration as they are, and the model
+    would then fail on an integer where it indexes a pair. A new number of classes without names drops the saved
+    names, as `from_pretrained(..., num_labels=N)` does.
+    """
+    from .configuration_locatvit import LocAtViTConfig
+
+    config_dict, _ = LocAtViTConfig.get_config_dict(name_or_path, **hub_kwargs)
+    if "num_labels" in config_overrides and "id2label" not in config_overrides:
+        config_dict = {key: value for key, value in config_dict.items() if key not in ("id2label", "label2id")}
+    return LocAtViTConfig.from_dict({**config_dict, **config_overrides})
+
+
 def load_locatvit(task: str, name_or_path: str, config_overrides: dict | None = None, hub_kwargs: dict | None = None):
     """A LocAtViT model for `task` ("image-classification" or "semantic-segmentation") from
 
@@ -812,7 +841,7 @@ def load_locatvit(task: str, name_or_path: str, config_overrides: dict | None = 
       on the fly by `locatvit_hf.convert`.
 
     `config_overrides` (e.g. `num_labels`, `id2label`, `label2id`, and for presets any architecture field) are applied
-    to the configuration.
+    to the configuration (for a Transformers checkpoint by `checkpoint_config`).
     """
     from transformers import AutoConfig
 
@@ -843,5 +872,6 @@ def load_locatvit(task: str, name_or_path: str, config_overrides: dict | None = 
         except (OSError, ValueError, KeyError):
             is_transformers_checkpoint = False
     if is_transformers_checkpoint:
-        return model_class.from_pretrained(name_or_path, ignore_mismatched_sizes=True, **overrides, **hub_kwargs)
+        config = checkpoint_config(name_or_path, overrides, hub_kwargs)
+        return model_class.from_pretrained(name_or_path, config=config, ignore_mismatched_sizes=True, **hub_kwargs)
     return load_converted(name_or_path, task, **overrides).train()
