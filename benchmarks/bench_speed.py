@@ -1,14 +1,16 @@
 """LocAtViT against transformers' ViT of the same size: time and memory ratios measured in one run.
 
     python benchmarks/bench_speed.py [--repeats 7] [--json benchmarks/results.json] [--quick] [--high-res] [--only REGEX]
+        [--backend NAME]
 
 Both models use `sdpa`, the same hidden size, depth, heads, patch and configured image size (224); other resolutions
 go through `interpolate_pos_encoding=True`, as when fine-tuning or segmenting at 512 px. Runs are interleaved after a
 warm-up and the ratio of the medians is reported. Training memory is measured for each model in a fresh subprocess:
 peak RSS sampled during one training step minus the RSS just before it on CPU (`max_memory_allocated` minus the
 allocation before it on CUDA), so it counts activations, gradients and optimizer state, not the libraries; the
-median of five such subprocesses per model is reported (one on CUDA, where it does not vary). `--high-res` adds training at 1024 px, and on CUDA
-LocAtViT with `attn_implementation="flex_attention"` (the Gaussian inside the kernel) at 512 and 1024 px.
+median of five such subprocesses per model is reported (one on CUDA, where it does not vary). `--high-res` adds training
+at 1024 px. LocAtViT's attention backend is chosen automatically (`attention_backend=None`) unless `--backend` forces
+one, e.g. `--backend sdpa` for the mask path.
 
 On CPU, glibc returns large freed blocks to the system, and every reuse then pays a page fault per 4 KB: a sizeable,
 run-to-run varying share of both models' time on small machines. To measure without it (as with a caching allocator),
@@ -32,36 +34,31 @@ import torch
 from transformers import ViTConfig, ViTForImageClassification
 
 from locatvit_hf import LocAtViTConfig, LocAtViTForImageClassification
-from locatvit_hf.cpu_attention_locatvit import fused_cpu_attention
+from locatvit_hf.attention_locatvit import select_backend
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
-# (name, size, pixels, batch, mode, LocAtViT's attention implementation; the ViT always uses sdpa)
+# (name, size, pixels, batch, mode, LocAtViT's attention backend: "auto" or a name; both models use sdpa)
 CASES = [
-    ("forward", "tiny", 224, 16, "inference", "sdpa"),
-    ("forward", "tiny", 512, 2, "inference", "sdpa"),
-    ("forward", "base", 224, 16, "inference", "sdpa"),
-    ("forward", "base", 512, 2, "inference", "sdpa"),
-    ("train step", "tiny", 224, 16, "training", "sdpa"),
-    ("train step", "tiny", 512, 4, "training", "sdpa"),
+    ("forward", "tiny", 224, 16, "inference", "auto"),
+    ("forward", "tiny", 512, 2, "inference", "auto"),
+    ("forward", "base", 224, 16, "inference", "auto"),
+    ("forward", "base", 512, 2, "inference", "auto"),
+    ("train step", "tiny", 224, 16, "training", "auto"),
+    ("train step", "tiny", 512, 4, "training", "auto"),
 ]
-# (size, pixels, batch, LocAtViT's attention implementation)
-MEMORY_CASES = [("tiny", 512, 4, "sdpa")]
+# (size, pixels, batch, LocAtViT's attention backend)
+MEMORY_CASES = [("tiny", 512, 4, "auto")]
 
 
 def high_res_cases() -> tuple[list, list]:
-    """Training at 1024 px; on CUDA also the flex-attention path (CPU flex attention has no backward)."""
-    cases = [("train step", "tiny", 1024, 1, "training", "sdpa")]
-    memory = [("tiny", 1024, 1, "sdpa")]
-    if DEVICE == "cuda":
-        for pixels, batch in ((512, 4), (1024, 1)):
-            cases.append(("train step", "tiny", pixels, batch, "training", "flex_attention"))
-            memory.append(("tiny", pixels, batch, "flex_attention"))
-    return cases, memory
+    """Training at 1024 px."""
+    return [("train step", "tiny", 1024, 1, "training", "auto")], [("tiny", 1024, 1, "auto")]
 
 
-def build(kind: str, size: str, gradient_checkpointing: bool = False, attention: str = "sdpa"):
-    config = LocAtViTConfig.from_preset(size, num_labels=1000)
+def build(kind: str, size: str, gradient_checkpointing: bool = False, attention: str = "auto"):
+    backend = None if attention == "auto" else attention
+    config = LocAtViTConfig.from_preset(size, num_labels=1000, attention_backend=backend)
     if kind == "vit":
         vit_config = ViTConfig(
             hidden_size=config.hidden_size,
@@ -75,7 +72,7 @@ def build(kind: str, size: str, gradient_checkpointing: bool = False, attention:
         )
         model = ViTForImageClassification._from_config(vit_config, attn_implementation="sdpa")
     else:
-        model = LocAtViTForImageClassification._from_config(config, attn_implementation=attention)
+        model = LocAtViTForImageClassification._from_config(config, attn_implementation="sdpa")
     if gradient_checkpointing:
         model.activation_checkpointing_enable()
     return model.to(DEVICE)
@@ -115,7 +112,7 @@ def timed(step) -> float:
     return time.perf_counter() - start
 
 
-def time_ratio(size: str, pixels: int, batch: int, mode: str, repeats: int, attention: str = "sdpa") -> dict:
+def time_ratio(size: str, pixels: int, batch: int, mode: str, repeats: int, attention: str = "auto") -> dict:
     steps = {
         kind: make_step(build(kind, size, attention=attention), pixels, batch, mode) for kind in ("locatvit", "vit")
     }
@@ -241,7 +238,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--json", default="benchmarks/results.json")
     parser.add_argument("--quick", action="store_true", help="tiny cases only, 3 repeats (a smoke run)")
-    parser.add_argument("--high-res", action="store_true", help="add 1024 px training (and flex attention on CUDA)")
+    parser.add_argument("--high-res", action="store_true", help="add 1024 px training")
+    parser.add_argument("--backend", default="auto", help="LocAtViT's attention backend (default: chosen per call)")
     parser.add_argument("--only", help="measure only the rows whose label matches this regular expression")
     parser.add_argument("--memory-child", choices=["locatvit", "vit"], help=argparse.SUPPRESS)
     parser.add_argument("--case", default=",".join(map(str, MEMORY_CASES[0])), help=argparse.SUPPRESS)
@@ -260,20 +258,26 @@ def main() -> None:
         extra_cases, extra_memory = high_res_cases()
         cases += extra_cases
         memory_cases += extra_memory
+    cases = [(*case[:-1], args.backend) for case in cases]
+    memory_cases = [(*case[:-1], args.backend) for case in memory_cases]
     repeats = 3 if args.quick else args.repeats
     machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {DEVICE}"
     tuned = [f"{name}={value}" for name, value in sorted(os.environ.items()) if name.startswith("MALLOC_")]
     if tuned:  # glibc's allocator settings change how often large CPU tensors cost page faults
         machine += ", " + " ".join(tuned)
-    if DEVICE == "cpu":  # LOCATVIT_CPU_KERNEL=0 measures the mask path
-        machine += ", fused CPU kernel" if fused_cpu_attention() is not None else ", mask path (no fused CPU kernel)"
+    if args.backend == "auto":  # what the automatic choice runs for a float32 forward on this device
+        query = torch.zeros(1, 1, 2, 64, device=DEVICE)
+        chosen = select_backend(query, (query, query), implementation="sdpa", forced=None, dropout=0.0)
+        machine += f", attention backend auto ({chosen} in float32 inference)"
+    else:
+        machine += f", attention backend {args.backend}"
     if DEVICE == "cuda":
         machine = f"{torch.cuda.get_device_name()}, cuda"
     rows = []
     print(f"LocAtViT / ViT (transformers), sdpa, torch {torch.__version__}, {machine}")
     print(f"{'measure':<34} {'LocAtViT':>10} {'ViT':>10} {'ratio':>7}")
     for name, size, pixels, batch, mode, attention in cases:
-        label = f"{name}, {size}, {pixels} px, batch {batch}" + ("" if attention == "sdpa" else f", {attention}")
+        label = f"{name}, {size}, {pixels} px, batch {batch}" + ("" if attention == "auto" else f", {attention}")
         if args.only and not re.search(args.only, label):
             continue
         result = time_ratio(size, pixels, batch, mode, repeats, attention)
@@ -287,7 +291,7 @@ def main() -> None:
     for case in memory_cases:
         size, pixels, batch, attention = case
         for checkpointing in (True, False):
-            label = f"train memory, {size}, {pixels} px, b{batch}" + ("" if attention == "sdpa" else f", {attention}")
+            label = f"train memory, {size}, {pixels} px, b{batch}" + ("" if attention == "auto" else f", {attention}")
             label += ", ckpt" if checkpointing else ""
             if args.only and not re.search(args.only, label):
                 continue

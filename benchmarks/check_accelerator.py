@@ -1,15 +1,15 @@
-"""Every attention path on the accelerator against a float64 CPU reference: outputs and all parameter gradients.
+"""Every attention backend on the accelerator against a float64 CPU reference: outputs and all parameter gradients.
 
-    python benchmarks/check_accelerator.py [--json benchmarks/accelerator_checks.json] [--skip-flex] [--only REGEX]
+    python benchmarks/check_accelerator.py [--json benchmarks/accelerator_checks.json] [--only REGEX]
 
-CI has no GPU, so the CUDA paths are checked here, on a lent GPU: the bias mask written for sdpa (inference),
-`EfficientBiasAttention` (training: CUDA's memory-efficient kernel called directly), sdpa's own mask gradient
-(the math kernel), flex attention's in-kernel Gaussian and the gradients of its captured per-query tensors, and
-training under gradient checkpointing. The reference is the eager path in float64 on CPU with the same weights;
+CI has no GPU, so the CUDA paths are checked here, on a lent GPU: the automatic choice, every registered backend
+that runs on the device (`attention_locatvit.BACKENDS`, forced with `attention_backend`), sdpa's mask with only the
+efficient or only the math kernel, and training under gradient checkpointing. The reference is the eager backend in
+float64 on CPU with the same weights;
 each check reports ||out - ref|| / ||ref|| for the logits and the largest such error over the parameter
 gradients. Float32 without TF32: within 1e-4; bf16 autocast: logits within 3e-2, gradients within twice the
-eager path's error under the same autocast (at least 3e-2). Runs on CPU too (sdpa and eager only, and flex in
-inference: CPU flex attention has no backward). Exits non-zero when a check fails.
+eager path's error under the same autocast (at least 3e-2). Runs on CPU too (the CPU backends). Exits non-zero
+when a check fails.
 """
 
 import argparse
@@ -23,6 +23,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from locatvit_hf import LocAtViTConfig, LocAtViTForImageClassification
+from locatvit_hf.attention_locatvit import BACKENDS, backend_unavailable
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FLOAT32_TOLERANCE = 1e-4
@@ -30,7 +31,7 @@ BF16_TOLERANCE = 3e-2
 
 
 def config_for(image_size: int) -> LocAtViTConfig:
-    """ViT-Tiny's width and heads (head_dim 64, as flex attention's kernels expect), two layers."""
+    """ViT-Tiny's width and heads (head_dim 64), two layers."""
     return LocAtViTConfig.from_preset("tiny", num_hidden_layers=2, image_size=image_size, num_labels=10)
 
 
@@ -100,17 +101,24 @@ def math_kernel_only():
     return sdpa_kernel([SDPBackend.MATH])
 
 
-def check_path(name, base, implementation, reference, pixels, labels, training, tolerance, context, checkpointing):
-    """`check` of a copy of `base` on the device with `implementation`; a path that fails to run is a failed
-    check, with the reason."""
+def check_path(name, base, backend, reference, pixels, labels, training, tolerance, context, checkpointing):
+    """`check` of a copy of `base` on the device with attention `backend` forced (None: the automatic choice); a
+    path that fails to run is a failed check, with the reason."""
     model = copy.deepcopy(base).to(DEVICE)
-    model.set_attn_implementation(implementation)
+    model.config.attention_backend = backend
     if checkpointing:
         model.activation_checkpointing_enable()
     try:
         return check(name, reference, model, pixels, labels, training, tolerance, context)
     except Exception as error:
         return {"check": name, "passed": False, "error": f"{type(error).__name__}: {error}"[:400]}
+
+
+def runnable_backends(training: bool) -> list[str]:
+    """The registered backends that can run a float32 call of `config_for`'s shape on the device."""
+    query = torch.zeros(1, 3, 2, 64, device=DEVICE, requires_grad=training)
+    profiles = (query, query)
+    return [name for name in sorted(BACKENDS) if backend_unavailable(name, query, profiles, 0.0) is None]
 
 
 def device_name() -> str:
@@ -126,7 +134,6 @@ def save(path: str, results: list) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", default="benchmarks/accelerator_checks.json")
-    parser.add_argument("--skip-flex", action="store_true", help="leave out flex attention (slow to compile)")
     parser.add_argument("--only", help="run only the checks whose name matches this regular expression")
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -146,38 +153,35 @@ def main() -> None:
         base = randomized(LocAtViTForImageClassification._from_config(config_for(image_size)))
         pixels, labels = torch.randn(2, 3, height, width), torch.randint(0, 10, (2,))
         reference_model = copy.deepcopy(base).double()
-        reference_model.set_attn_implementation("eager")
+        reference_model.config.attention_backend = "eager"
         for training in (False, True):
             reference = run(reference_model, pixels.double(), labels, training)
             mode = "train" if training else "infer"
-            paths = [("eager", "eager", contextlib.nullcontext), ("sdpa", "sdpa", contextlib.nullcontext)]
-            if DEVICE == "cuda":  # training: our kernel calls, and sdpa's own mask gradient (the math kernel)
+            paths = [("auto", None, contextlib.nullcontext)] + [
+                (backend, backend, contextlib.nullcontext) for backend in runnable_backends(training)
+            ]
+            if DEVICE == "cuda":  # sdpa's mask with each of CUDA's kernels, sdpa's own mask gradient in training
                 paths.append(("sdpa, efficient kernel only", "sdpa", efficient_kernel_only))
                 paths.append(("sdpa, math kernel only", "sdpa", math_kernel_only))
-            flex = (DEVICE == "cuda" or not training) and not args.skip_flex
-            if flex:
-                paths.append(("flex_attention", "flex_attention", contextlib.nullcontext))
             if training:  # gradient checkpointing as users enable it (non-reentrant): layers recomputed in backward
-                paths.append(("sdpa, checkpointing", "sdpa", contextlib.nullcontext))
-                if flex:
-                    paths.append(("flex_attention, checkpointing", "flex_attention", contextlib.nullcontext))
-            for label, implementation, context in paths:
+                paths.append(("auto, checkpointing", None, contextlib.nullcontext))
+            for label, backend, context in paths:
                 name = f"{case}, {mode}, {label}"
                 if not args.only or re.search(args.only, name):
                     checkpointing = label.endswith("checkpointing")
-                    record(check_path(name, base, implementation, reference, pixels, labels, training,
+                    record(check_path(name, base, backend, reference, pixels, labels, training,
                                       FLOAT32_TOLERANCE, context, checkpointing))  # fmt: skip
             if DEVICE == "cuda" and training:
                 # bf16 rounds the (N x N) sums behind the Gaussian's parameter gradients: the eager path (the formula
                 # written out, under the same autocast) sets the bar, with a floor of BF16_TOLERANCE.
                 tolerance = BF16_TOLERANCE
-                for implementation in ("eager", "sdpa") + (() if args.skip_flex else ("flex_attention",)):
-                    name = f"{case}, {mode}, {implementation}, bf16 autocast"
+                for backend in ["eager", None, *(b for b in runnable_backends(True) if b != "eager")]:
+                    name = f"{case}, {mode}, {backend or 'auto'}, bf16 autocast"
                     if args.only and not re.search(args.only, name):
                         continue
-                    result = check_path(name, base, implementation, reference, pixels, labels, True, tolerance,
+                    result = check_path(name, base, backend, reference, pixels, labels, True, tolerance,
                                         bf16_autocast, False)  # fmt: skip
-                    if implementation == "eager" and "gradients" in result:
+                    if backend == "eager" and "gradients" in result:
                         tolerance = max(BF16_TOLERANCE, 2 * result["gradients"])
                         result["passed"] = result["logits"] <= BF16_TOLERANCE  # the bar itself
                     record(result)

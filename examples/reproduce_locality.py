@@ -14,10 +14,10 @@ For every (variant, seed):
 1. pre-training for image classification from scratch with `examples/run_image_classification.py` (the Trainer
    script, `LocAtViTTrainer`, one-cycle schedule);
 2. a linear probe with `examples/run_semantic_segmentation.py --model_name_or_path <probe_start>`: the backbone
-   frozen and in eval mode, the paper's linear head (SPEC §5) on the last block's patch tokens, mIoU on held-out
-   scenes (`SegmentationTrainer`, `SegmentationMetrics`). `probe_start` is the pre-trained backbone with a new,
-   seeded head, saved as a segmentation checkpoint (see `probe_start` for why the script is not pointed at the
-   classification checkpoint directly).
+   frozen and in eval mode, the paper's linear head (docs/method.md#features-and-head) on the last block's patch
+   tokens, mIoU on held-out scenes (`SegmentationTrainer`, `SegmentationMetrics`). `probe_start` is the pre-trained
+   backbone with a new, seeded head, saved as a segmentation checkpoint (see `probe_start` for why the script is not
+   pointed at the classification checkpoint directly).
 
 Plus, per seed, a reference probe of the plain ViT at its random initialization (`--no_random_init_baseline` skips
 it): how much of the mIoU the frozen features owe to pre-training at all.
@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--num_layers", type=int, default=6)
     add("--num_heads", type=int, default=3)
     add("--mlp_ratio", type=int, default=4)
-    add("--decoder_hidden_size", type=int, default=512, help="Width of the linear probe's head (SPEC §5: 512).")
+    add("--decoder_hidden_size", type=int, default=512, help="Width of the linear probe's head (the paper's: 512).")
     # pre-training (classification)
     add("--pretrain_steps", type=int, default=600)
     add("--pretrain_lr", type=float, default=1e-3)
@@ -268,8 +268,9 @@ def pretrain_args(args: argparse.Namespace, variant: str, seed: int, data: dict,
 
 
 def probe_args(args: argparse.Namespace, seed: int, data: dict, pretrained: Path, output_dir: Path) -> list[str]:
-    """Command line of `run_semantic_segmentation.py`: SPEC §5's protocol (frozen backbone, linear head, one-cycle
-    with 25 % warm-up, AdamW 1e-3, random rescale x[0.5, 2] + crop, flip, photometric distortion), scaled down."""
+    """Command line of `run_semantic_segmentation.py`: the paper's protocol (docs/method.md#linear-probe-segmentation:
+    frozen backbone, linear head, one-cycle with 25 % warm-up, AdamW 1e-3, random rescale x[0.5, 2] + crop, flip,
+    photometric distortion), scaled down."""
     num_labels = len(class_names())
     return [
         "--model_name_or_path", str(pretrained),

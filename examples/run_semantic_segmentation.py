@@ -1,12 +1,12 @@
 #!/usr/bin/env python
 """Semantic segmentation with LocAtViT and the `transformers` Trainer, with the paper's protocol as defaults.
 
-Defaults = SPEC §5 (linear probing): the backbone frozen (and in eval mode), only the linear head trains; AdamW
-(lr 1e-3, betas 0.9/0.999, weight decay 0.01), one-cycle schedule over 20,000 steps with 25 % warm-up and start/end lr
-= lr / 1e4, batch 32, mIoU every 4,000 steps; train transforms = random rescale of scale (2048, 512) with ratio in
-[0.5, 2], random 512 crop (no class over 75 % of it), horizontal flip, photometric distortion, ImageNet normalization,
-padding to 512 (labels with 255); evaluation on whole images resized to fit (2048, 512), logits resized to the original
-image size. `--full_finetune` trains the backbone too.
+Defaults = the paper's linear probing (docs/method.md#linear-probe-segmentation): the backbone frozen (and in eval
+mode), only the linear head trains; AdamW (lr 1e-3, betas 0.9/0.999, weight decay 0.01), one-cycle schedule over
+20,000 steps with 25 % warm-up and start/end lr = lr / 1e4, batch 32, mIoU every 4,000 steps; train transforms =
+random rescale of scale (2048, 512) with ratio in [0.5, 2], random 512 crop (no class over 75 % of it), horizontal
+flip, photometric distortion, ImageNet normalization, padding to 512 (labels with 255); evaluation on whole images
+resized to fit (2048, 512), logits resized to the original image size. `--full_finetune` trains the backbone too.
 
 Data: a Hub dataset with ADE20K-style columns (`--dataset_name scene_parse_150`: `image`, `annotation`), or a local
 folder in the ADE20K layout (`--data_dir ADEChallengeData2016`: `images/{training,validation}/*` and
@@ -173,7 +173,7 @@ class DataTrainingArguments:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Transforms (SPEC §5)
+# Transforms (docs/method.md#data)
 # ---------------------------------------------------------------------------------------------------------------------
 
 
@@ -227,7 +227,8 @@ def photometric_distortion(image: torch.Tensor) -> torch.Tensor:
 
 
 class TrainTransform:
-    """Random rescale, cat-max-ratio crop, flip, photometric distortion, normalization, padding (SPEC §5)."""
+    """Random rescale, cat-max-ratio crop, flip, photometric distortion, normalization, padding
+    (docs/method.md#data)."""
 
     def __init__(self, data_args: DataTrainingArguments):
         self.args = data_args
@@ -453,7 +454,8 @@ def builds_demo_model(argv: list[str]) -> bool:
 
 def build_parser(argv: list[str]) -> HfArgumentParser:
     parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments))
-    # The paper's protocol (SPEC §5) as defaults; every one of them can be given on the command line.
+    # The paper's protocol (docs/method.md#optimization) as defaults; every one of them can be given on the command
+    # line.
     parser.set_defaults(
         learning_rate=1e-3,
         adam_beta1=0.9,

@@ -13,7 +13,10 @@ from locatvit_hf import (
 )
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
-PARITY_DIR = SHARED / "parity"
+PARITY_DIR = SHARED / "parity"  # the full-size parity set, beside the repository (optional)
+# The small parity set, carried by the repository: a 2-block, width-48, 10-class checkpoint in the original's
+# format and the original implementation's outputs for it (docs/method.md#parity-with-the-original).
+SMALL_PARITY_DIR = Path(__file__).resolve().parent / "fixtures" / "parity-small"
 SAMPLES_DIR = SHARED / "samples"
 ALL_CLASSES = [LocAtViTModel, LocAtViTForImageClassification, LocAtViTForSemanticSegmentation, LocAtViTBackbone]
 

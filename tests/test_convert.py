@@ -1,4 +1,5 @@
-"""The converter reads the original's checkpoints in every form of SPEC §7 and refuses anything else clearly."""
+"""The converter reads the original's checkpoints in every form they come in
+(docs/method.md#checkpoints-of-the-original) and refuses anything else clearly."""
 
 import json
 import subprocess
@@ -20,6 +21,8 @@ from locatvit_hf import (
     LocAtViTImageProcessor,
 )
 from locatvit_hf.convert import convert, load_converted, main
+
+from .conftest import SMALL_PARITY_DIR
 
 
 def timm_state_dict(hidden=32, depth=2, heads=2, grid=4, patch=8, classes=5, gaug=True) -> dict:
@@ -133,10 +136,12 @@ def test_other_tasks(tmp_path, task, model_class):
     assert_weights_placed(model, sd)
 
 
-def test_cli_converts_parity_checkpoint(parity_dir, tmp_path):
+def test_cli_converts_parity_checkpoint(tmp_path):
+    """The small parity checkpoint (the original's Hub layout: model.safetensors + timm config.json) through the CLI,
+    saved and reloaded: the original's logits and its preprocessing."""
     output = tmp_path / "converted"
     result = subprocess.run(
-        [sys.executable, "-m", "locatvit_hf.convert", "--checkpoint", str(parity_dir), "--output", str(output)],
+        [sys.executable, "-m", "locatvit_hf.convert", "--checkpoint", str(SMALL_PARITY_DIR), "--output", str(output)],
         capture_output=True,
         text=True,
     )
@@ -147,9 +152,9 @@ def test_cli_converts_parity_checkpoint(parity_dir, tmp_path):
     assert (processor.size.shortest_edge, processor.crop_size.height) == (248, 224)  # crop ratio 0.9 of config.json
     assert list(processor.image_mean) == [0.5, 0.5, 0.5] and processor.resample == 3  # bicubic
     model = LocAtViTForImageClassification.from_pretrained(output).eval()
-    expected = load_file(str(parity_dir / "expected.safetensors"))
+    expected = load_file(str(SMALL_PARITY_DIR / "expected.safetensors"))
     with torch.no_grad():
-        logits = model(expected["cls224.pixel_values"]).logits
+        logits = model(expected["cls224.pixel_values"].float()).logits
     assert (logits - expected["cls224.logits"]).abs().max() <= 1e-4
 
 

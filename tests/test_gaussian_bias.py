@@ -1,17 +1,25 @@
-"""The fast separable Gaussian bias equals the formula of SPEC §2, evaluated entry by entry."""
+"""The Gaussian module's separable profiles give the bias of the paper's formula (docs/method.md), evaluated entry by
+entry; the bias-writing helpers of the attention backends keep what they promise."""
 
 import math
 
 import pytest
 import torch
 
-from locatvit_hf.modeling_locatvit import LocAtViTGaussianBias, SeparableBiasWriter
+import locatvit_hf.attention_locatvit as attention
+from locatvit_hf.attention_locatvit import SeparableBiasWriter, full_bias
+from locatvit_hf.modeling_locatvit import LocAtViTGaussianBias
 
-from .conftest import assert_same_training_step, tiny_config
+from .conftest import tiny_config
+
+
+def module_bias(module: LocAtViTGaussianBias, query: torch.Tensor, grid) -> torch.Tensor:
+    """The (batch, heads, N, N) bias of the module's profiles, in the queries' dtype, as the backends write it."""
+    return full_bias(*module(query, grid), 1).to(query.dtype)
 
 
 def formula_bias(module: LocAtViTGaussianBias, query: torch.Tensor, grid, initial_grid) -> torch.Tensor:
-    """SPEC §2 written out literally: one exponential per (query, key) pair, in float64."""
+    """The bias of docs/method.md#the-bias written out literally: one exponential per (query, key) pair, in float64."""
     side = max(initial_grid)
     c = side**2
     shift = math.log(c - 1) if c > 2 else 0.0
@@ -68,7 +76,7 @@ def test_bias_matches_formula(image_size, grid):
     query = torch.randn(2, config.num_attention_heads, seq_len, config.head_dim) * 2
     expected = formula_bias(module, query, grid, config.grid_size)
     with torch.no_grad():
-        actual = module(query, grid)
+        actual = module_bias(module, query, grid)
     assert actual.shape == expected.shape
     assert actual.dtype == query.dtype
     torch.testing.assert_close(actual.double(), expected, rtol=1e-5, atol=1e-6)
@@ -83,7 +91,7 @@ def test_clamp_is_what_bounds_large_grids():
     grid = (9, 9)
     query = torch.randn(1, config.num_attention_heads, 1 + 81, config.head_dim)
     with torch.no_grad():
-        bias = module(query, grid)
+        bias = module_bias(module, query, grid)
     # Query at (0, 0): keys at columns 3..8 of row 0 are all clamped to the same distance.
     row0 = bias[0, 0, 1, 1 : 1 + 9]
     torch.testing.assert_close(row0[3:], row0[3].expand(6))
@@ -99,7 +107,8 @@ def test_eps_and_clamp_constants_follow_the_spec():
 
 
 def test_initial_variance_is_one_and_strength_ln2():
-    """With zero weights (the from-scratch init has zero biases), var = 1 and alpha = ln 2 exactly (SPEC §2, §6)."""
+    """With zero weights (the from-scratch init has zero biases), var = 1 and alpha = ln 2 exactly
+    (docs/method.md#initialization)."""
     config = tiny_config()
     module = LocAtViTGaussianBias(config)
     with torch.no_grad():
@@ -113,8 +122,9 @@ def test_initial_variance_is_one_and_strength_ln2():
 
 
 def test_pooled_query_shortcut_for_large_initial_grids():
-    """Initial grid >= 32 in training (SPEC §2): q pooled over 2x2 blocks, bias of the query at the even position
-    of each block, shared by the block's four queries."""
+    """Initial grid >= 32 in training (docs/method.md#pooled-query-shortcut-for-large-initial-grids): q pooled over
+    2x2 blocks, bias of the query at the even position of each block, shared by the block's four queries, and
+    evaluated at the even position of each key's block too (every second grid row and column, repeated)."""
     config = tiny_config(image_size=256, patch_size=8)  # grid 32x32
     module = randomized_module(config).train()
     assert module.pools_queries_in_training
@@ -122,10 +132,12 @@ def test_pooled_query_shortcut_for_large_initial_grids():
     heads, dim = config.num_attention_heads, config.head_dim
     query = torch.randn(1, heads, 1 + 30, dim)
     with torch.no_grad():
-        actual = module(query, grid)
-        full = module.eval()(query, grid)
-    # Reference: pooled query placed at the block's even corner, evaluated with the full-grid formula.
+        actual = module_bias(module, query, grid)
+        full = module_bias(module.eval(), query, grid)
+    # Reference: pooled query placed at the block's even corner, evaluated with the full-grid formula at the even
+    # corner of each key's block.
     patches = query[:, :, 1:].reshape(1, heads, 6, 5, dim)
+    key_corners = [0] + [1 + (r // 2 * 2) * 5 + (c // 2 * 2) for r in range(6) for c in range(5)]
     for r in range(6):
         for c in range(5):
             block = patches[:, :, r // 2 * 2 : r // 2 * 2 + 2, c // 2 * 2 : c // 2 * 2 + 2].mean(dim=(2, 3))
@@ -133,7 +145,7 @@ def test_pooled_query_shortcut_for_large_initial_grids():
             probe = query.clone()
             probe[:, :, 1 + corner] = block
             with torch.no_grad():
-                reference = module.eval()(probe, grid)[:, :, 1 + corner]
+                reference = module_bias(module.eval(), probe, grid)[:, :, 1 + corner][..., key_corners]
             torch.testing.assert_close(actual[:, :, 1 + r * 5 + c], reference)
     assert not torch.allclose(actual, full)
 
@@ -152,7 +164,7 @@ def test_bias_gradients_equal_autograd_through_the_formula():
     grid = (3, 5)
     query = torch.randn(1, 2, 16, config.head_dim, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(1, 2, 16, 16, dtype=torch.float64)
-    (module(query, grid) * weight).sum().backward()
+    (module_bias(module, query, grid) * weight).sum().backward()
     fast = [query.grad.clone()] + [p.grad.clone() for p in module.parameters()]
     query.grad = None
     module.zero_grad()
@@ -163,7 +175,8 @@ def test_bias_gradients_equal_autograd_through_the_formula():
 
 
 def formula_bias_differentiable(module, query, grid, initial_grid):
-    """SPEC §2 on the whole (N x N) grid of pairs with plain autograd (no factorization, no custom backward)."""
+    """The bias of docs/method.md#the-bias on the whole (N x N) grid of pairs with plain autograd (no factorization, no
+    custom backward)."""
     side = max(initial_grid)
     c = side**2
     eps = module.eps
@@ -182,109 +195,9 @@ def formula_bias_differentiable(module, query, grid, initial_grid):
     return torch.nn.functional.pad(patch, (1, 0, 1, 0))
 
 
-@pytest.fixture(params=["keeps_probabilities", "recomputes_probabilities"])
-def attention_path(request, monkeypatch):
-    """Runs a test on both paths of `SeparableBiasAttention`: short sequences keep their probabilities, long ones
-    (here: all, with the length limit set to 0) run the fused kernel and recompute them in backward. (The path of
-    CPU training where `cpu_attention_locatvit` is not built, which is turned off here.)"""
-    import locatvit_hf.modeling_locatvit as modeling
-
-    monkeypatch.setattr(modeling, "fused_cpu_attention", lambda: None)
-    if request.param == "recomputes_probabilities":
-        monkeypatch.setattr(modeling, "KEPT_PROBABILITY_TOKENS_PER_HEAD_DIM", 0)
-    return request.param
-
-
-def test_attention_paths_keep_what_they_say():
-    """Up to 4 tokens per head dimension the (B * heads, N, N) probabilities are saved; beyond, only the
-    log-sum-exp (B, heads, N), so that long sequences keep nothing of size N x N."""
-    from locatvit_hf.modeling_locatvit import BiasWorkspace, SeparableBiasAttention
-
-    for (height, width), keeps in (((3, 5), True), ((4, 5), False)):  # head_dim 4: at most 16 tokens kept
-        seq_len = 1 + height * width
-        query, key, value = (torch.randn(2, 3, seq_len, 4, requires_grad=True) for _ in "qkv")
-        row = torch.rand(2, 3, height * width, height, requires_grad=True)
-        col = torch.rand(2, 3, height * width, width, requires_grad=True)
-        output = SeparableBiasAttention.apply(query, key, value, row, col, 0.5, 1, BiasWorkspace())
-        shapes = [tuple(t.shape) for t in output.grad_fn.saved_tensors]
-        assert ((6, seq_len, seq_len) in shapes) == keeps
-        assert ((2, 3, seq_len) in shapes) == (not keeps)
-
-
-def test_recomputing_attention_gradcheck(attention_path):
-    """The attention's forward and hand-written backward equal numerical gradients (float64), on both paths."""
-    from locatvit_hf.modeling_locatvit import BiasWorkspace, SeparableBiasAttention
-
-    torch.manual_seed(0)
-    batch, heads, height, width, dim = 2, 2, 2, 3, 4
-    seq_len = 1 + height * width
-    query, key, value = (
-        torch.randn(batch, heads, seq_len, dim, dtype=torch.float64, requires_grad=True) for _ in "qkv"
-    )
-    row = torch.rand(batch, heads, height * width, height, dtype=torch.float64, requires_grad=True)
-    col = torch.rand(batch, heads, height * width, width, dtype=torch.float64, requires_grad=True)
-    workspace = BiasWorkspace()
-
-    def attention(q, k, v, r, c):
-        return SeparableBiasAttention.apply(q, k, v, r, c, 0.5, 1, workspace)
-
-    assert torch.autograd.gradcheck(attention, (query, key, value, row, col))
-
-
-def test_training_gradients_equal_across_attention_paths(attention_path):
-    """CPU training with sdpa (`SeparableBiasAttention`, both paths) and eager (bias written, plain autograd)
-    agree."""
-    import copy
-
-    from locatvit_hf import LocAtViTForSemanticSegmentation
-
-    config = tiny_config(num_hidden_layers=2)
-    torch.manual_seed(0)
-    sdpa = LocAtViTForSemanticSegmentation._from_config(copy.deepcopy(config), attn_implementation="sdpa").train()
-    eager = LocAtViTForSemanticSegmentation._from_config(copy.deepcopy(config), attn_implementation="eager").train()
-    eager.load_state_dict(sdpa.state_dict())
-    x, labels = torch.randn(2, 3, 40, 24), torch.randint(0, 5, (2, 40, 24))
-    layer = sdpa.locatvit.encoder.layers[0].attention
-    assert layer.recomputes_bias_in_backward(torch.zeros(1, requires_grad=True), 0.0)
-    assert_same_training_step(sdpa, eager, x, labels)
-
-
-@pytest.mark.parametrize(
-    "slab_bytes, chunks",
-    [
-        (3000, [(slice(0, 2), slice(0, 2)), (slice(2, 3), slice(0, 2))]),  # two images fit
-        (1000, [(slice(b, b + 1), slice(h, h + 1)) for b in range(3) for h in range(2)]),  # not even one image
-    ],
-)
-def test_recomputing_attention_in_chunks(monkeypatch, slab_bytes, chunks):
-    """The recomputing path goes through the batch in blocks of about `SLAB_BYTES`: several images, or when one
-    image does not fit, a group of its heads; results equal plain autograd either way."""
-    import locatvit_hf.modeling_locatvit as modeling
-
-    monkeypatch.setattr(modeling, "SLAB_BYTES", slab_bytes)
-    monkeypatch.setattr(modeling, "KEPT_PROBABILITY_TOKENS_PER_HEAD_DIM", 0)
-    assert modeling.attention_chunks(3, 2, 13, 4) == chunks  # one (13, 13) float32 map: 676 bytes
-    torch.manual_seed(0)
-    batch, heads, height, width, dim = 3, 2, 3, 4, 8
-    seq_len = 1 + height * width
-    query, key, value = (torch.randn(batch, heads, seq_len, dim, requires_grad=True) for _ in "qkv")
-    row = torch.rand(batch, heads, height * width, height, requires_grad=True)
-    col = torch.rand(batch, heads, height * width, width, requires_grad=True)
-    inputs = (query, key, value, row, col)
-    output = modeling.SeparableBiasAttention.apply(*inputs, 0.3, 1, modeling.BiasWorkspace())
-    grad_output = torch.randn_like(output)
-    actual = torch.autograd.grad(output, inputs, grad_output)
-    bias = torch.nn.functional.pad((row.unsqueeze(-1) * col.unsqueeze(-2)).flatten(-2), (1, 0, 1, 0))
-    reference = torch.softmax(query @ key.transpose(-1, -2) * 0.3 + bias, dim=-1) @ value
-    expected = torch.autograd.grad(reference, inputs, grad_output)
-    torch.testing.assert_close(output, reference)
-    for a, b in zip(actual, expected):
-        torch.testing.assert_close(a, b)
-
-
 @pytest.mark.parametrize("grid", [(14, 14), (17, 16)])  # both sides of the 256-patch switch
 def test_bias_gradient_reduction_on_small_and_large_grids(grid):
-    from locatvit_hf.modeling_locatvit import reduce_bias_gradient
+    from locatvit_hf.attention_locatvit import reduce_bias_gradient
 
     height, width = grid
     patches = height * width
@@ -307,7 +220,7 @@ def test_bias_holds_no_subnormal_numbers():
     with torch.no_grad():
         module.variance_proj.bias.fill_(-8.0)  # variances ~0.1: exp(-0.5 * 15^2 / 0.2) underflows float32
         query = torch.randn(2, 2, 1 + 16 * 16, config.head_dim)
-        bias = module.eval()(query, (16, 16))
+        bias = module_bias(module.eval(), query, (16, 16))
     magnitude = bias.abs()
     assert not ((magnitude > 0) & (magnitude < torch.finfo(torch.float32).tiny)).any()
     assert (bias == 0).float().mean() > 0.5
@@ -318,7 +231,7 @@ def test_bias_holds_no_subnormal_numbers():
 def test_bias_buffer_layout():
     """`new_bias_buffer`: zero prefix rows and columns, rows padded to 64-byte lines, and on CPU each row's patch
     block starting on a line (aligned vector stores)."""
-    from locatvit_hf.modeling_locatvit import new_bias_buffer
+    from locatvit_hf.attention_locatvit import new_bias_buffer
 
     for seq_len in (17, 197, 1025):
         bias = new_bias_buffer((2, 3, seq_len, seq_len), torch.float32, torch.device("cpu"))
@@ -328,18 +241,19 @@ def test_bias_buffer_layout():
         assert (bias[..., 0, :] == 0).all() and (bias[..., 0] == 0).all()
 
 
-@pytest.mark.parametrize("fused_kernel", [True, False])
-def test_inference_reuses_one_bias_buffer(fused_kernel, monkeypatch):
+@pytest.mark.parametrize("backend", ["sdpa", "cpu_fused"])
+def test_inference_reuses_one_bias_buffer(backend):
     """Without a gradient all layers and calls write their bias (and their profiles) into the encoder's one buffer
     each (no allocation, and no page faults, per layer), and results do not depend on what the buffers held before.
-    With the fused CPU kernel (where it is built) no bias is written at all, only the profiles."""
+    With the fused CPU kernel no bias is written at all, only the profiles."""
     import locatvit_hf.modeling_locatvit as modeling
     from locatvit_hf import LocAtViTModel
 
-    if not fused_kernel:
-        monkeypatch.setattr(modeling, "fused_cpu_attention", lambda: None)
+    if backend == "cpu_fused" and attention.fused_cpu_attention() is None:
+        pytest.skip("the fused CPU kernel is not built here")
     torch.manual_seed(0)
-    model = LocAtViTModel._from_config(tiny_config(num_hidden_layers=3), attn_implementation="sdpa").eval()
+    config = tiny_config(num_hidden_layers=3, attention_backend=backend)
+    model = LocAtViTModel._from_config(config, attn_implementation="sdpa").eval()
     workspace = model.encoder.bias_workspace
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -349,8 +263,8 @@ def test_inference_reuses_one_bias_buffer(fused_kernel, monkeypatch):
         again = model(x).last_hidden_state
     # The kernel writes its profiles into two query-major buffers, the formula into one (2, S, P) exponent.
     profiles = ["column profiles", "row profiles"] if modeling.fused_cpu_profiles() is not None else ["profiles"]
-    expected = profiles if modeling.fused_cpu_attention() is not None else ["bias", *profiles]
-    assert sorted(purpose for _, purpose in pointers) == expected
+    expected = profiles if backend == "cpu_fused" else ["bias", *profiles]
+    assert sorted(purpose for _, purpose in pointers) == sorted(expected)
     assert {k: b.data_ptr() for k, b in workspace._buffers.items()} == pointers
     torch.testing.assert_close(again, first, rtol=0, atol=0)
 
@@ -390,15 +304,14 @@ def test_inference_in_query_blocks_matches_one_piece(monkeypatch, limit, pixels)
     memory at high resolution). The output equals the bias written in one piece, for blocks of one row, a few rows
     and a last partial block, on square and non-square grids; the workspace then holds one block's rows. (The path
     of inference without the fused CPU kernel: on accelerators, in other dtypes, or where the kernel is not built.)"""
-    import locatvit_hf.modeling_locatvit as modeling
     from locatvit_hf import LocAtViTModel
 
-    monkeypatch.setattr(modeling, "fused_cpu_attention", lambda: None)
-    model = LocAtViTModel._from_config(tiny_config(num_hidden_layers=2), attn_implementation="sdpa").eval()
+    config = tiny_config(num_hidden_layers=2, attention_backend="sdpa")
+    model = LocAtViTModel._from_config(config, attn_implementation="sdpa").eval()
     x = torch.randn(2, 3, *pixels)
     with torch.no_grad():
         expected = model(x, interpolate_pos_encoding=True).last_hidden_state
-        monkeypatch.setattr(modeling, "INFERENCE_BIAS_BYTES", limit)
+        monkeypatch.setattr(attention, "INFERENCE_BIAS_BYTES", limit)
         blocked = model(x, interpolate_pos_encoding=True).last_hidden_state
     torch.testing.assert_close(blocked, expected)
     seq_len = 1 + (pixels[0] // 8) * (pixels[1] // 8)
@@ -415,9 +328,7 @@ def test_cuda_training_attention_runs_its_kernel_calls_on_meta_tensors(monkeypat
     """`EfficientBiasAttention` calls CUDA's memory-efficient kernel directly (its numerics are checked on a GPU by
     benchmarks/check_accelerator.py); on meta tensors its calls, chunking and padded log-sum-exp are exercised
     here: outputs and gradients of the right shapes and dtypes, the profile gradients in float32."""
-    from locatvit_hf import modeling_locatvit as modeling
-
-    monkeypatch.setattr(modeling, "SLAB_BYTES", slab_bytes)
+    monkeypatch.setattr(attention, "SLAB_BYTES", slab_bytes)
     batch, heads, (height, width), dim = 3, 2, (16, 12), 64
     seq_len = 1 + height * width
     query, key, value = (
@@ -426,11 +337,11 @@ def test_cuda_training_attention_runs_its_kernel_calls_on_meta_tensors(monkeypat
     )
     row = torch.empty(batch, heads, height * width, height, device="meta", requires_grad=True)
     col = torch.empty(batch, heads, height * width, width, device="meta", requires_grad=True)
-    chunks = modeling.attention_chunks(batch, heads, seq_len, query.element_size())
+    chunks = attention.attention_chunks(batch, heads, seq_len, query.element_size())
     # (heads, N, N) of one image: 298 KB in float32, 149 KB in bfloat16
     expected_chunks = {(torch.float32, 2**19): 3, (torch.bfloat16, 2**19): 1}.get((dtype, slab_bytes), 6)
     assert len(chunks) == expected_chunks
-    output = modeling.EfficientBiasAttention.apply(query, key, value, row, col, 0.125, 1, modeling.BiasWorkspace())
+    output = attention.EfficientBiasAttention.apply(query, key, value, row, col, 0.125, 1, attention.BiasWorkspace())
     assert output.shape == (batch, heads, seq_len, dim) and output.dtype == dtype
     grads = torch.autograd.grad(output.sum(), (query, key, value, row, col))
     assert [g.shape for g in grads] == [t.shape for t in (query, key, value, row, col)]
@@ -441,14 +352,12 @@ def test_cuda_training_attention_runs_its_kernel_calls_on_meta_tensors(monkeypat
 def test_chunk_views_write_through(monkeypatch, slab_bytes):
     """`EfficientBiasAttention` writes each chunk's profile gradients into `flat_chunk` views: every chunk of a
     contiguous tensor must be a view, so that together the chunks fill the whole tensor."""
-    from locatvit_hf import modeling_locatvit as modeling
-
-    monkeypatch.setattr(modeling, "SLAB_BYTES", slab_bytes)
+    monkeypatch.setattr(attention, "SLAB_BYTES", slab_bytes)
     batch, heads, seq_len = 3, 4, 10
     target = torch.zeros(batch, heads, seq_len - 1, 3)
-    chunks = modeling.attention_chunks(batch, heads, seq_len, 4)
+    chunks = attention.attention_chunks(batch, heads, seq_len, 4)
     for index, chunk in enumerate(chunks):
-        modeling.flat_chunk(target, chunk).fill_(index + 1)
+        attention.flat_chunk(target, chunk).fill_(index + 1)
     expected = torch.zeros_like(target)
     for index, chunk in enumerate(chunks):
         expected[chunk] = index + 1

@@ -1,4 +1,5 @@
-"""The LocAtViT image processors reproduce the paper's classification and segmentation preprocessing (SPEC §5, §6)."""
+"""The LocAtViT image processors reproduce the paper's classification and segmentation preprocessing
+(docs/method.md#classification-pre-training, #data)."""
 
 import json
 from pathlib import Path

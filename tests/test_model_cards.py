@@ -153,7 +153,8 @@ def test_card_metadata(name):
 def test_card_quotes_only_the_papers_reported_results(name):
     results = section(card_text(name), "Results reported in the paper")
     assert results, "the card has no results section"
-    # Only the numbers SPEC says the paper reports (about 6 and 4 mIoU; ImageNet-1k top-1): none made up.
+    # Only the numbers the paper reports (docs/method.md#reported-results: about 6 and 4 mIoU; ImageNet-1k top-1):
+    # none made up.
     numbers = re.findall(r"\d+(?:\.\d+)?", re.sub(r"ADE20K|ImageNet-1k|top-1|LocAtViT-\w+", "", results))
     assert set(numbers) <= {"6", "4"}
     if RELEASES[name].preset in ("tiny", "base"):
@@ -231,7 +232,7 @@ def test_count_parameters_matches_the_model(model_class, task, overrides):
 
 def test_count_parameters_of_tiny_is_specs():
     config = release_config("locatvit-tiny")
-    assert count_parameters(config, "image-classification") == 5_719_756  # SPEC §1
+    assert count_parameters(config, "image-classification") == 5_719_756  # docs/method.md#backbone
     assert "| parameters | 5,719,756 |" in card_text("locatvit-tiny")
 
 

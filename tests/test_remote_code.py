@@ -36,8 +36,12 @@ REMOTE_LOAD = textwrap.dedent(
         logits = model(inputs["pixel_values"]).logits
         base_model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
         base = base_model(inputs["pixel_values"])
-    torch.testing.assert_close(logits, inputs["logits"], rtol=0, atol=0)
-    torch.testing.assert_close(base.last_hidden_state, inputs["last_hidden_state"], rtol=0, atol=0)
+    # The code copied next to the checkpoint has no C++ source: the mask path runs instead of the package's fused CPU
+    # kernel, equal to float32 rounding.
+    (kernel,) = [m for name, m in sys.modules.items() if name.endswith(".cpu_attention_locatvit")]
+    assert kernel.__name__.startswith("transformers_modules") and not kernel.kernel_available()
+    torch.testing.assert_close(logits, inputs["logits"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(base.last_hidden_state, inputs["last_hidden_state"], rtol=1e-5, atol=1e-6)
     print("REMOTE OK", type(base_model).__name__)
     """
 )

@@ -5,7 +5,7 @@ from transformers.activations import ACT2FN
 from transformers.backbone_utils import BackboneConfigMixin
 from transformers.configuration_utils import PreTrainedConfig
 
-# SPEC §1. Patch 16, image 224 and the other ViT defaults are shared by all sizes.
+# docs/method.md#backbone. Patch 16, image 224 and the other ViT defaults are shared by all sizes.
 PRESETS = {
     "tiny": {"hidden_size": 192, "num_hidden_layers": 12, "num_attention_heads": 3, "intermediate_size": 768},
     "small": {"hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 6, "intermediate_size": 1536},
@@ -29,7 +29,7 @@ class LocAtViTConfig(BackboneConfigMixin, PreTrainedConfig):
     Configuration of a Locality-Attending Vision Transformer (Hajimiri et al., ICLR 2026).
 
     The ViT fields carry the same names and meanings as in [`ViTConfig`]. The defaults are LocAtViT-Tiny at 224 px
-    (SPEC §1); `LocAtViTConfig.from_preset("base")` gives the other sizes.
+    (docs/method.md#backbone); `LocAtViTConfig.from_preset("base")` gives the other sizes.
 
     Args:
         use_gaussian_attention (`bool`, defaults to `True`):
@@ -46,6 +46,10 @@ class LocAtViTConfig(BackboneConfigMixin, PreTrainedConfig):
             size than `image_size` instead of raising. `None` leaves it to the model: segmentation models and
             backbones, which see whole images of any size, resample (as DINOv2 does); classifiers and `LocAtViTModel`
             raise, as ViT's do.
+        attention_backend (`str`, *optional*):
+            Force one backend of the Gaussian-biased attention (`"eager"`, `"sdpa"`, `"cpu_fused"`, `"cuda_chunked"`;
+            see `attention_locatvit.py` and the README's table). `None` chooses per call by device, dtype, gradient
+            and `attn_implementation`; a forced backend that cannot run a call raises, naming why.
         freeze_backbone (`bool`, defaults to `False`):
             In [`LocAtViTForSemanticSegmentation`], keep the encoder frozen and in eval mode while the head trains, as
             in the paper's linear-probing protocol.
@@ -76,6 +80,7 @@ class LocAtViTConfig(BackboneConfigMixin, PreTrainedConfig):
     semantic_loss_ignore_index: int = 255
     interpolate_pos_encoding: bool | None = None
     freeze_backbone: bool = False
+    attention_backend: str | None = None
     _out_features: list[str] | None = None
     _out_indices: list[int] | None = None
 

@@ -4,7 +4,8 @@
         [--task image-classification|semantic-segmentation|backbone] [--push-to-hub REPO]
 
 `--checkpoint` is a `.safetensors`/`.pth`/`.pth.tar` file, a folder laid out like the authors' Hub repos
-(`model.safetensors` + timm `config.json`), or a Hub repo id. The architecture is read off the weights (SPEC §7);
+(`model.safetensors` + timm `config.json`), or a Hub repo id. The architecture is read off the weights
+(docs/method.md#checkpoints-of-the-original);
 every tensor must be used, or the conversion stops with a one-line error (exit code 2). The weights carry no class
 names: a 1000-class classifier (an ImageNet-1k head) gets the ImageNet-1k names, any other head `LABEL_<i>`.
 """
@@ -126,7 +127,8 @@ def load_original_checkpoint(checkpoint: str) -> tuple[dict[str, torch.Tensor], 
 def config_from_original(
     state_dict: dict[str, torch.Tensor], timm_config: dict | None = None, **overrides
 ) -> LocAtViTConfig:
-    """Read the architecture off the weights (SPEC §7); the timm config only fills what weights cannot tell."""
+    """Read the architecture off the weights (docs/method.md#checkpoints-of-the-original); the timm config only
+    fills what weights cannot tell."""
     timm_config = timm_config or {}
     pretrained_cfg = timm_config.get("pretrained_cfg", {})
     hidden_size, num_channels, *patch_size = state_dict["patch_embed.proj.weight"].shape
@@ -134,7 +136,7 @@ def config_from_original(
     has_gaug = "blocks.0.attn.gaug.log_var.weight" in state_dict
     if has_gaug:
         num_heads = hidden_size // state_dict["blocks.0.attn.gaug.log_var.weight"].shape[1]
-    else:  # plain ViT: heads are not in the weights; every size of SPEC §1 has head_dim 64
+    else:  # plain ViT: heads are not in the weights; every size has head_dim 64 (docs/method.md#backbone)
         num_heads = timm_config.get("num_heads", max(1, hidden_size // 64))
     num_patches = state_dict["pos_embed"].shape[1] - 1
     input_size = pretrained_cfg.get("input_size")
@@ -261,8 +263,9 @@ def build_converted(state_dict: dict, timm_config: dict, task: str, **config_ove
 
 
 def image_processor_for(task: str, timm_config: dict | None = None) -> LocAtViTImageProcessor:
-    """The preprocessing the converted model expects: the segmentation protocol's (SPEC §5) for segmentation, else
-    the checkpoint's own `pretrained_cfg` (mean, std, interpolation, crop ratio), defaulting to SPEC §6."""
+    """The preprocessing the converted model expects: the segmentation protocol's (docs/method.md#data) for
+    segmentation, else the checkpoint's own `pretrained_cfg` (mean, std, interpolation, crop ratio), defaulting to
+    the released models' (docs/method.md#classification-pre-training)."""
     if task == "semantic-segmentation":
         return LocAtViTImageProcessor.for_segmentation()
     pretrained_cfg = (timm_config or {}).get("pretrained_cfg", {})

@@ -10,10 +10,17 @@ per query, block by block, and reduces the bias gradient to the profiles in the 
 kept or leaves the cache. For inference, a second operator computes the profiles themselves from the variance and
 strength maps' outputs in one pass (the formula in PyTorch takes a dozen elementwise operations).
 
-The attention runs in float32, the model's dtype here, and in float64, so that `torch.autograd.gradcheck` can check
-its gradients. Compiled on first use with `torch.utils.cpp_extension` (needs a C++ compiler and ninja, about 30 s, cached per
-machine) for x86 CPUs with AVX2 or AVX-512; elsewhere, or if the build fails, or with `LOCATVIT_CPU_KERNEL=0` in the
-environment, the model writes the mask for `sdpa` instead (same results within float32 rounding).
+The C++ source is `kernels/cpu_attention.cpp`, package data next to this module. It is compiled on first use with
+`torch.utils.cpp_extension` (needs a C++ compiler and ninja, about 30 s, cached per machine) for x86 CPUs with AVX2
+or AVX-512, into the operators `torch.ops.locatvit_cpu_<instruction set>`. The model calls them through the custom
+operators `torch.ops.locatvit.*` defined here (`torch.library.custom_op`): each has a fake implementation and, where
+it has a gradient, an autograd formula calling the kernel's backward, so that `torch.compile` and `torch.export`
+trace it as one operator and `torch.library.opcheck` checks it. The attention runs in float32, the model's dtype
+here, and in float64, so that `torch.autograd.gradcheck` can check its gradients; the profiles in float32.
+
+Elsewhere, if the build fails, with `LOCATVIT_CPU_KERNEL=0` in the environment, or where the C++ source is absent
+(this module copied alone next to a checkpoint, as Hugging Face remote code), `kernel_available()` is False and the
+model writes the mask for `sdpa` instead (same results within float32 rounding).
 """
 
 import functools
@@ -28,538 +35,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.autograd.function import once_differentiable
 
 logger = logging.getLogger(__name__)
 
-KERNEL_SOURCE = r"""
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
-#include <dlfcn.h>
-#include <torch/library.h>
-#if defined(CPU_CAPABILITY_AVX512)
-#include <immintrin.h>
-#endif
-
-#include <algorithm>
-#include <cmath>
-#include <limits>
-#include <tuple>
-#include <type_traits>
-#include <vector>
-
-namespace {
-
-// The attention runs in float32 (the model's kernel) and float64 (for gradient checks); `scalar_t` is either.
-template <typename scalar_t>
-using Vec = at::vec::Vectorized<scalar_t>;
-template <typename scalar_t>
-using Gemm = void (*)(const char*, const char*, const int*, const int*, const int*, const scalar_t*, const scalar_t*,
-                      const int*, const scalar_t*, const int*, const scalar_t*, scalar_t*, const int*);
-
-// The BLAS PyTorch is linked with (MKL or OpenBLAS export the Fortran symbols sgemm_ and dgemm_), looked up at run
-// time.
-template <typename scalar_t>
-Gemm<scalar_t> blas_gemm() {
-  static const auto gemm =
-      reinterpret_cast<Gemm<scalar_t>>(dlsym(RTLD_DEFAULT, std::is_same_v<scalar_t, float> ? "sgemm_" : "dgemm_"));
-  return gemm;
-}
-
-bool has_blas() { return blas_gemm<float>() != nullptr && blas_gemm<double>() != nullptr; }
-
-// Row-major c (m x n, ldc) = alpha * op(a) * op(b) + beta * c, op(a) (m x k) and op(b) (k x n) being a and b
-// or, if transposed, the transposes of the stored a (k x m) and b (n x k). BLAS is column-major: it computes
-// c^T = op(b)^T op(a)^T from the same memory.
-template <typename scalar_t>
-void gemm(bool transpose_a, bool transpose_b, int64_t m, int64_t n, int64_t k, std::type_identity_t<scalar_t> alpha,
-          const scalar_t* a, int64_t lda, const scalar_t* b, int64_t ldb, std::type_identity_t<scalar_t> beta,
-          scalar_t* c, int64_t ldc) {
-  const int cm = n, cn = m, ck = k, clda = ldb, cldb = lda, cldc = ldc;
-  blas_gemm<scalar_t>()(transpose_b ? "T" : "N", transpose_a ? "T" : "N", &cm, &cn, &ck, &alpha, b, &clda, a, &cldb,
-                        &beta, c, &cldc);
-}
-
-// A work buffer of at least `size` floats, one per slot and thread, kept for the thread's lifetime (the thread pool's
-// threads persist): fresh buffers of this size would be mapped, faulted in and zeroed on every call (glibc maps
-// blocks above 128 KB afresh), which cost the 224 px forward a few percent.
-template <typename scalar_t>
-scalar_t* thread_buffer(int slot, int64_t size) {
-  thread_local std::vector<scalar_t> buffers[4];
-  if (static_cast<int64_t>(buffers[slot].size()) < size) buffers[slot].resize(size);
-  return buffers[slot].data();
-}
-
-// Where one (batch, head)'s tensors start, and their row strides.
-template <typename scalar_t>
-struct Slice {
-  const scalar_t* data;
-  int64_t stride;
-};
-
-template <typename scalar_t>
-Slice<scalar_t> slice(const at::Tensor& t, int64_t b, int64_t h) {
-  return {t.data_ptr<scalar_t>() + b * t.stride(0) + h * t.stride(1), t.stride(2)};
-}
-
-// The grid position of every patch key, for adding the bias a vector of 16 keys at a time on grids at most 16
-// patches wide (AVX-512 builds): per vector, each lane's grid row (relative to the vector's first key's row) and
-// column. The bias of 16 keys is then two register permutes of the query's row and column profiles and a product.
-// Adding it one grid row at a time instead takes a short, masked segment per row (14 keys at 224 px), whose
-// overlapping masked stores and loads stall: measured 3x slower per key.
-struct KeyLanes {
-  std::vector<int32_t> rows, cols;
-};
-
-KeyLanes key_lanes(int64_t height, int64_t width) {
-  KeyLanes lanes;
-#if defined(CPU_CAPABILITY_AVX512)
-  if (width <= 16) {
-    const int64_t patches = height * width, padded = (patches + 15) / 16 * 16;
-    for (int64_t j = 0; j < padded; ++j) {
-      const int64_t key = std::min(j, patches - 1);
-      lanes.rows.push_back(static_cast<int32_t>(key / width - j / 16 * 16 / width));
-      lanes.cols.push_back(static_cast<int32_t>(key % width));
-    }
-  }
-#endif
-  return lanes;
-}
-
-// One patch query's profiles, copied to contiguous memory: the row profile (height values) at `row`, the column
-// profile (width values) at `col`, each followed by 16 spare floats for vector loads past its end. The profiles
-// given to the kernel may be strided views: inference reads them queries-last, as they are computed, without a copy.
-template <typename scalar_t>
-struct QueryProfiles {
-  scalar_t* row;
-  scalar_t* col;
-};
-
-template <typename scalar_t>
-QueryProfiles<scalar_t> gather_profiles(const at::Tensor& row, const at::Tensor& col, int64_t b, int64_t h,
-                                        int64_t patch, scalar_t* scratch) {
-  const int64_t height = row.size(3), width = col.size(3);
-  const scalar_t* row_values =
-      row.data_ptr<scalar_t>() + b * row.stride(0) + h * row.stride(1) + patch * row.stride(2);
-  const scalar_t* col_values =
-      col.data_ptr<scalar_t>() + b * col.stride(0) + h * col.stride(1) + patch * col.stride(2);
-  QueryProfiles<scalar_t> profiles{scratch, scratch + height + 16};
-  for (int64_t r = 0; r < height; ++r) profiles.row[r] = row_values[r * row.stride(3)];
-  for (int64_t c = 0; c < width; ++c) profiles.col[c] = col_values[c * col.stride(3)];
-  return profiles;
-}
-
-// Adds the Gaussian bias row[r] * col[c] to one query's scores of the patch keys (those after the prefix, at grid
-// row r, column c) and returns their largest biased score (the softmax's shift, found while they are in registers
-// rather than in another pass).
-template <typename scalar_t>
-scalar_t add_bias(scalar_t* scores, int64_t prefix, const QueryProfiles<scalar_t>& profiles, int64_t height,
-                  int64_t width, const KeyLanes& lanes) {
-  using VecT = Vec<scalar_t>;
-  constexpr scalar_t lowest = -std::numeric_limits<scalar_t>::infinity();
-  const scalar_t* row = profiles.row;
-  const scalar_t* col = profiles.col;
-#if defined(CPU_CAPABILITY_AVX512)
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    if (!lanes.rows.empty()) {
-      const __m512 col_values = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << width) - 1), col);
-      const int64_t patches = height * width;
-      scalar_t* patch_scores = scores + prefix;
-      __m512 peak = _mm512_set1_ps(lowest);
-      for (int64_t j = 0; j < patches; j += 16) {
-        const __mmask16 mask = patches - j >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (patches - j)) - 1);
-        const __m512 row_values = _mm512_loadu_ps(row + j / width);
-        const __m512 bias =
-            _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_loadu_si512(lanes.rows.data() + j), row_values),
-                          _mm512_permutexvar_ps(_mm512_loadu_si512(lanes.cols.data() + j), col_values));
-        const __m512 biased = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, patch_scores + j), bias);
-        _mm512_mask_storeu_ps(patch_scores + j, mask, biased);
-        peak = _mm512_mask_max_ps(peak, mask, peak, biased);
-      }
-      return _mm512_reduce_max_ps(peak);
-    }
-  }
-#endif
-  VecT peak(lowest);
-  for (int64_t r = 0; r < height; ++r) {  // one grid row at a time, partial vectors for the rest of a row
-    scalar_t* segment = scores + prefix + r * width;
-    const VecT row_value(row[r]);
-    for (int64_t c = 0; c < width; c += VecT::size()) {
-      const int64_t count = std::min<int64_t>(VecT::size(), width - c);
-      const VecT biased = at::vec::fmadd(row_value, VecT::loadu(col + c, count), VecT::loadu(segment + c, count));
-      biased.store(segment + c, count);
-      peak = at::vec::maximum(peak, count == VecT::size() ? biased : VecT::set(VecT(lowest), biased, count));
-    }
-  }
-  return at::vec::vec_reduce_all<scalar_t>([](VecT& x, VecT& y) { return at::vec::maximum(x, y); }, peak);
-}
-
-template <typename scalar_t>
-scalar_t largest(const scalar_t* scores, int64_t n) {
-  using VecT = Vec<scalar_t>;
-  return at::vec::reduce_all<scalar_t>([](VecT& x, VecT& y) { return at::vec::maximum(x, y); }, scores, n);
-}
-
-// exp(scores - shift) in place; returns the sum of the exponentials.
-template <typename scalar_t>
-scalar_t exponentiate(scalar_t* scores, int64_t n, scalar_t shift) {
-  using VecT = Vec<scalar_t>;
-  const VecT vshift(shift);
-  VecT sum(0.f);
-  for (int64_t j = 0; j < n; j += VecT::size()) {
-    const int64_t count = std::min<int64_t>(VecT::size(), n - j);
-    const VecT e = (VecT::loadu(scores + j, count) - vshift).exp_u20();
-    e.store(scores + j, count);
-    sum += count == VecT::size() ? e : VecT::set(VecT(0.f), e, count);
-  }
-  return at::vec::vec_reduce_all<scalar_t>([](VecT& x, VecT& y) { return x + y; }, sum);
-}
-
-template <typename scalar_t>
-scalar_t dot(const scalar_t* x, const scalar_t* y, int64_t n) {
-  using VecT = Vec<scalar_t>;
-  VecT sum(0.f);
-  for (int64_t j = 0; j < n; j += VecT::size()) {
-    const int64_t count = std::min<int64_t>(VecT::size(), n - j);
-    sum = at::vec::fmadd(VecT::loadu(x + j, count), VecT::loadu(y + j, count), sum);
-  }
-  return at::vec::vec_reduce_all<scalar_t>([](VecT& a, VecT& b) { return a + b; }, sum);
-}
-
-// The shape every entry point shares: query, key, value (batch, heads, N, dim) and the profiles of the P = N -
-// prefix patch queries, row (batch, heads, P, H) and col (batch, heads, P, W), P = H * W.
-struct Shape {
-  int64_t batch, heads, seq, dim, height, width, prefix, block, blocks, ld;
-};
-
-Shape check_shape(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, const at::Tensor& row,
-                  const at::Tensor& col, int64_t prefix) {
-  TORCH_CHECK(query.scalar_type() == at::kFloat || query.scalar_type() == at::kDouble,
-              "float32 CPU tensors (float64 for gradient checks)");
-  for (const auto* t : {&query, &key, &value, &row, &col}) {
-    TORCH_CHECK(t->dim() == 4 && t->scalar_type() == query.scalar_type() && t->device().is_cpu(),
-                "float32 CPU tensors (float64 for gradient checks), all of one dtype");
-  }
-  TORCH_CHECK(query.stride(3) == 1 && key.stride(3) == 1 && value.stride(3) == 1,
-              "query, key and value need a unit stride in their last dimension");
-  Shape s{query.size(0), query.size(1), query.size(2), query.size(3), row.size(3), col.size(3), prefix, 0, 0, 0};
-  TORCH_CHECK(s.height * s.width + prefix == s.seq && row.size(2) == s.seq - prefix && col.size(2) == s.seq - prefix,
-              "the profiles do not match the sequence");
-  // Blocks of queries whose scores (block x N floats) take at most 1 MB, half the core's 2 MB L2 (against 0.5, 1.5
-  // and 2 MB: 1-6% faster forward at 512 and 1024 px, the backward as fast; each block repacks the keys and values
-  // for its products), but at least 128 queries, below which the products lose their efficiency (measured at
-  // 1024 px); and at least four tasks a thread, so that small batches still use every thread.
-  const int64_t cached_rows = std::max<int64_t>(262144 / s.seq, 128);
-  const int64_t tasks_wanted = 4 * at::get_num_threads();
-  int64_t blocks = std::max<int64_t>((s.seq + cached_rows - 1) / cached_rows,
-                                     (tasks_wanted + s.batch * s.heads - 1) / (s.batch * s.heads));
-  blocks = std::min(blocks, s.seq);
-  s.block = (s.seq + blocks - 1) / blocks;
-  s.blocks = (s.seq + s.block - 1) / s.block;
-  s.ld = (s.seq + 15) / 16 * 16;  // rows of scores on whole cache lines
-  return s;
-}
-
-// softmax(q k^T * scale + B) v, with B[i, j] = row[i, r_j] * col[i, c_j] for patch query i and patch key j at grid
-// row r_j, column c_j, and 0 for the prefix tokens. Returns the output (batch, N, heads, dim), in the token-major
-// layout the output projection reads, and the log-sum-exp of every query's scores (batch, heads, N).
-template <typename scalar_t>
-std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& query, const at::Tensor& key,
-                                                     const at::Tensor& value, const at::Tensor& row,
-                                                     const at::Tensor& col, double scale, int64_t prefix) {
-  using VecT = Vec<scalar_t>;
-  const Shape s = check_shape(query, key, value, row, col, prefix);
-  auto output = at::empty({s.batch, s.seq, s.heads, s.dim}, query.options());
-  auto logsumexp = at::empty({s.batch, s.heads, s.seq}, query.options());
-  const KeyLanes lanes = key_lanes(s.height, s.width);
-  at::parallel_for(0, s.batch * s.heads * s.blocks, 1, [&](int64_t begin, int64_t end) {
-    scalar_t* scores = thread_buffer<scalar_t>(0, s.block * s.ld);
-    scalar_t* sums = thread_buffer<scalar_t>(1, s.block);
-    scalar_t* scratch = thread_buffer<scalar_t>(2, s.height + s.width + 32);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / (s.heads * s.blocks), h = task / s.blocks % s.heads, start = task % s.blocks * s.block;
-      const int64_t len = std::min(s.block, s.seq - start);
-      const Slice<scalar_t> q = slice<scalar_t>(query, b, h), k = slice<scalar_t>(key, b, h),
-                            v = slice<scalar_t>(value, b, h);
-      scalar_t* lse = logsumexp.data_ptr<scalar_t>() + (b * s.heads + h) * s.seq + start;
-      gemm(false, true, len, s.seq, s.dim, scale, q.data + start * q.stride, q.stride, k.data, k.stride, 0.f, scores,
-           s.ld);
-      for (int64_t i = 0; i < len; ++i) {
-        scalar_t* scores_i = scores + i * s.ld;
-        const int64_t patch = start + i - prefix;  // negative for prefix queries, whose bias is 0
-        scalar_t max = patch >= 0 ? add_bias(scores_i, prefix, gather_profiles(row, col, b, h, patch, scratch),
-                                             s.height, s.width, lanes)
-                                  : largest(scores_i + prefix, s.seq - prefix);
-        for (int64_t j = 0; j < prefix; ++j) max = std::max(max, scores_i[j]);
-        sums[i] = exponentiate(scores_i, s.seq, max);
-        lse[i] = max + std::log(sums[i]);
-      }
-      scalar_t* o = output.data_ptr<scalar_t>() + (b * s.seq + start) * s.heads * s.dim + h * s.dim;
-      const int64_t ldo = s.heads * s.dim;
-      gemm(false, false, len, s.dim, s.seq, 1.f, scores, s.ld, v.data, v.stride, 0.f, o, ldo);
-      for (int64_t i = 0; i < len; ++i) {  // the softmax's division, on the output's dim values instead of N
-        const VecT inverse(1.f / sums[i]);
-        scalar_t* o_i = o + i * ldo;
-        for (int64_t d = 0; d < s.dim; d += VecT::size()) {
-          const int64_t count = std::min<int64_t>(VecT::size(), s.dim - d);
-          (VecT::loadu(o_i + d, count) * inverse).store(o_i + d, count);
-        }
-      }
-    }
-  });
-  return {output, logsumexp};
-}
-
-// Gradients of `gaussian_attention` given the gradient of its output (batch, N, heads, dim): with respect to
-// query, key and value, returned as (batch, heads, N, dim) views of token-major (batch, N, heads, dim) tensors (the
-// projections' layout, so autograd copies nothing on the way back), and to the profiles row and col. Recomputes the
-// probabilities from the log-sum-exp, a block of queries at a time, like the forward; each thread owns whole
-// (batch, head) slices, so that it accumulates their key and value gradients alone.
-template <typename scalar_t>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward(
-    const at::Tensor& grad_output, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-    const at::Tensor& row, const at::Tensor& col, const at::Tensor& output, const at::Tensor& logsumexp, double scale,
-    int64_t prefix) {
-  using VecT = Vec<scalar_t>;
-  const Shape s = check_shape(query, key, value, row, col, prefix);
-  TORCH_CHECK(grad_output.is_contiguous() && output.is_contiguous() && logsumexp.is_contiguous(),
-              "contiguous output, gradient and log-sum-exp");
-  auto token_major = [&]() { return at::empty({s.batch, s.seq, s.heads, s.dim}, query.options()).transpose(1, 2); };
-  at::Tensor grad_query = token_major(), grad_key = token_major(), grad_value = token_major();
-  auto grad_row = at::empty(row.sizes(), row.options());
-  auto grad_col = at::empty(col.sizes(), col.options());
-  const int64_t ldo = s.heads * s.dim;
-  const KeyLanes lanes = key_lanes(s.height, s.width);
-  at::parallel_for(0, s.batch * s.heads, 1, [&](int64_t begin, int64_t end) {
-    scalar_t* probabilities = thread_buffer<scalar_t>(0, s.block * s.ld);
-    scalar_t* grad_scores = thread_buffer<scalar_t>(1, s.block * s.ld);
-    scalar_t* scratch = thread_buffer<scalar_t>(2, s.height + s.width + 32);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / s.heads, h = task % s.heads;
-      const Slice<scalar_t> q = slice<scalar_t>(query, b, h), k = slice<scalar_t>(key, b, h),
-                            v = slice<scalar_t>(value, b, h);
-      const scalar_t* lse = logsumexp.data_ptr<scalar_t>() + (b * s.heads + h) * s.seq;
-      const scalar_t* dout = grad_output.data_ptr<scalar_t>() + b * s.seq * ldo + h * s.dim;
-      const scalar_t* out = output.data_ptr<scalar_t>() + b * s.seq * ldo + h * s.dim;
-      scalar_t* dq = grad_query.data_ptr<scalar_t>() + b * s.seq * ldo + h * s.dim;
-      scalar_t* dk = grad_key.data_ptr<scalar_t>() + b * s.seq * ldo + h * s.dim;
-      scalar_t* dv = grad_value.data_ptr<scalar_t>() + b * s.seq * ldo + h * s.dim;
-      scalar_t* drow = grad_row.data_ptr<scalar_t>() + (b * s.heads + h) * (s.seq - prefix) * s.height;
-      scalar_t* dcol = grad_col.data_ptr<scalar_t>() + (b * s.heads + h) * (s.seq - prefix) * s.width;
-      for (int64_t start = 0; start < s.seq; start += s.block) {
-        const int64_t len = std::min(s.block, s.seq - start);
-        const scalar_t beta = start == 0 ? 0.f : 1.f;  // the first block writes dk and dv, later ones add to them
-        gemm(false, true, len, s.seq, s.dim, scale, q.data + start * q.stride, q.stride, k.data, k.stride, 0.f,
-             probabilities, s.ld);
-        gemm(false, true, len, s.seq, s.dim, 1.f, dout + start * ldo, ldo, v.data, v.stride, 0.f, grad_scores, s.ld);
-        for (int64_t i = 0; i < len; ++i) {
-          const int64_t t = start + i, patch = t - prefix;
-          scalar_t* p = probabilities + i * s.ld;
-          scalar_t* ds = grad_scores + i * s.ld;
-          const QueryProfiles<scalar_t> profiles =
-              patch >= 0 ? gather_profiles(row, col, b, h, patch, scratch) : QueryProfiles<scalar_t>{};
-          if (patch >= 0) add_bias(p, prefix, profiles, s.height, s.width, lanes);
-          exponentiate(p, s.seq, lse[t]);
-          // dS = P * (dP - D), D = dO . O: the softmax's backward, which is also the bias's gradient.
-          const VecT delta(dot(dout + t * ldo, out + t * ldo, s.dim));
-          for (int64_t j = 0; j < s.seq; j += VecT::size()) {
-            const int64_t count = std::min<int64_t>(VecT::size(), s.seq - j);
-            (VecT::loadu(p + j, count) * (VecT::loadu(ds + j, count) - delta)).store(ds + j, count);
-          }
-          if (patch < 0) continue;
-          // The bias gradient reduced to the profiles at once: d row[r] = sum_c dS[r, c] col[c], d col[c] =
-          // sum_r dS[r, c] row[r].
-          scalar_t* drow_i = drow + patch * s.height;
-          scalar_t* dcol_i = dcol + patch * s.width;
-          std::fill(dcol_i, dcol_i + s.width, 0.f);
-          for (int64_t r = 0; r < s.height; ++r) {
-            const scalar_t* segment = ds + prefix + r * s.width;
-            drow_i[r] = dot(segment, profiles.col, s.width);
-            const VecT row_value(profiles.row[r]);
-            for (int64_t c = 0; c < s.width; c += VecT::size()) {
-              const int64_t count = std::min<int64_t>(VecT::size(), s.width - c);
-              at::vec::fmadd(row_value, VecT::loadu(segment + c, count), VecT::loadu(dcol_i + c, count))
-                  .store(dcol_i + c, count);
-            }
-          }
-        }
-        gemm(true, false, s.seq, s.dim, len, 1.f, probabilities, s.ld, dout + start * ldo, ldo, beta, dv, ldo);
-        gemm(false, false, len, s.dim, s.seq, scale, grad_scores, s.ld, k.data, k.stride, 0.f, dq + start * ldo, ldo);
-        gemm(true, false, s.seq, s.dim, len, scale, grad_scores, s.ld, q.data + start * q.stride, q.stride, beta, dk,
-             ldo);
-      }
-    }
-  });
-  return {grad_query, grad_key, grad_value, grad_row, grad_col};
-}
-
-std::tuple<at::Tensor, at::Tensor> gaussian_attention(const at::Tensor& query, const at::Tensor& key,
-                                                      const at::Tensor& value, const at::Tensor& row,
-                                                      const at::Tensor& col, double scale, int64_t prefix) {
-  return query.scalar_type() == at::kDouble ? attention_forward<double>(query, key, value, row, col, scale, prefix)
-                                            : attention_forward<float>(query, key, value, row, col, scale, prefix);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gaussian_attention_backward(
-    const at::Tensor& grad_output, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-    const at::Tensor& row, const at::Tensor& col, const at::Tensor& output, const at::Tensor& logsumexp, double scale,
-    int64_t prefix) {
-  auto backward = query.scalar_type() == at::kDouble ? attention_backward<double> : attention_backward<float>;
-  return backward(grad_output, query, key, value, row, col, output, logsumexp, scale, prefix);
-}
-
-// The Gaussian's profiles for inference, in one pass instead of a dozen elementwise operations (each a pass over
-// memory and a dispatch), written query-major, as the attention reads them: for every (batch, head) and patch query
-// q at grid row r_q, column c_q,
-//   row[b, h, q, r] = flushed exp(distances[r_q, r] / (sigmoid(statistics[b, h, 0, q]) + eps) + log(alpha_q)),
-//   col[b, h, q, c] = flushed exp(distances[c_q, c] / (sigmoid(statistics[b, h, 1, q]) + eps)),
-// alpha_q = max(softplus(statistics[b, h, 2, q]), floor), the exponent clamped at `clamp` and values not above `floor`
-// flushed to 0: `LocAtViTGaussianBias.profiles` without a gradient, with PyTorch's own vectorized functions.
-// row (batch, heads, Q, H) and col (batch, heads, Q, W) contiguous, Q = H * W; statistics (batch, heads, 3, Q), any
-// strides; distances (S, S) contiguous, S >= H, W: the clamped, scaled -0.5 * squared distance between grid lines
-// (`grid_distance_table`), whose row r_q holds a query's distances to all lines.
-void gaussian_profiles_(const at::Tensor& row, const at::Tensor& col, const at::Tensor& statistics,
-                        const at::Tensor& distances, double eps, double floor, double clamp) {
-  using VecF = Vec<float>;
-  for (const auto* t : {&row, &col, &statistics, &distances}) {
-    TORCH_CHECK(t->scalar_type() == at::kFloat && t->device().is_cpu(), "float32 CPU tensors");
-  }
-  TORCH_CHECK(row.dim() == 4 && col.dim() == 4 && statistics.dim() == 4 && distances.dim() == 2 &&
-                  row.is_contiguous() && col.is_contiguous() && distances.is_contiguous(),
-              "contiguous row (batch, heads, Q, H), col (batch, heads, Q, W) and distances (S, S)");
-  const int64_t batch = row.size(0), heads = row.size(1), queries = row.size(2), side = distances.size(0);
-  const int64_t height = row.size(3), width = col.size(3);
-  TORCH_CHECK(col.size(0) == batch && col.size(1) == heads && col.size(2) == queries && queries == height * width &&
-                  statistics.size(0) == batch && statistics.size(1) == heads && statistics.size(2) == 3 &&
-                  statistics.size(3) == queries && distances.size(1) == side && height <= side && width <= side,
-              "row, col, statistics and distances do not match");
-  const VecF one(1.f), zero(0.f), vfloor(static_cast<float>(floor)), vclamp(static_cast<float>(clamp));
-  const float* table = distances.data_ptr<float>();
-  // exp(max(distance / denominator + offset, clamp)) over n lines, flushed (NaN stays NaN).
-  auto profile = [&](const float* distance, float denominator, float offset, float* out, int64_t n) {
-    for (int64_t line = 0; line < n; line += VecF::size()) {
-      const int64_t count = std::min<int64_t>(VecF::size(), n - line);
-      const VecF exponent = VecF::loadu(distance + line, count) / VecF(denominator) + VecF(offset);
-      const VecF value = at::vec::maximum(exponent, vclamp).exp();
-      VecF::blendv(value, zero, value <= vfloor).store(out + line, count);
-    }
-  };
-  at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
-    float* terms = thread_buffer<float>(3, 3 * queries);  // per query: row and column denominators, log(alpha)
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / heads, h = task % heads;
-      const float* stats = statistics.data_ptr<float>() + b * statistics.stride(0) + h * statistics.stride(1);
-      for (int64_t k = 0; k < 3; ++k) {
-        for (int64_t q = 0; q < queries; ++q)
-          terms[k * queries + q] = stats[k * statistics.stride(2) + q * statistics.stride(3)];
-      }
-      for (int64_t q = 0; q < queries; q += VecF::size()) {  // the per-query terms, vectorized over queries
-        const int64_t count = std::min<int64_t>(VecF::size(), queries - q);
-        for (int64_t k = 0; k < 2; ++k) {  // sigmoid(x) + eps
-          float* term = terms + k * queries + q;
-          ((one + (zero - VecF::loadu(term, count)).exp()).reciprocal() + VecF(static_cast<float>(eps)))
-              .store(term, count);
-        }
-        float* term = terms + 2 * queries + q;
-        const VecF x = VecF::loadu(term, count);
-        const VecF softplus = VecF::blendv(x.exp().log1p(), x, x > VecF(20.f));
-        at::vec::maximum(softplus, vfloor).log().store(term, count);
-      }
-      float* row_out = row.data_ptr<float>() + task * queries * height;
-      float* col_out = col.data_ptr<float>() + task * queries * width;
-      for (int64_t q = 0; q < queries; ++q) {  // the profiles, vectorized over grid lines
-        const float* row_distances = table + q / width * side;
-        const float* col_distances = table + q % width * side;
-        profile(row_distances, terms[q], terms[2 * queries + q], row_out + q * height, height);
-        profile(col_distances, terms[queries + q], 0.f, col_out + q * width, width);
-      }
-    }
-  });
-}
-
-// Gradient of `gaussian_profiles_` with respect to its statistics (batch, heads, 3, Q), from the gradients of the
-// profiles it wrote (row, col) and those profiles: for query q, with s = sigmoid, den_k = s(x_k) + eps and
-// t the distances,
-//   d x_0 = -s'(x_0) / den_0^2 * sum_r drow[q, r] row[q, r] t[r_q, r],
-//   d x_1 = -s'(x_1) / den_1^2 * sum_c dcol[q, c] col[q, c] t[c_q, c],
-//   d x_2 = softplus'(x_2) / softplus(x_2) * sum_r drow[q, r] row[q, r] (0 where softplus(x_2) <= floor),
-// flushed entries (0) contributing nothing, as in the formula's autograd.
-at::Tensor gaussian_profiles_backward(const at::Tensor& grad_row, const at::Tensor& grad_col,
-                                      const at::Tensor& statistics, const at::Tensor& row, const at::Tensor& col,
-                                      const at::Tensor& distances, double eps, double floor) {
-  for (const auto* t : {&grad_row, &grad_col, &row, &col, &distances}) {
-    TORCH_CHECK(t->scalar_type() == at::kFloat && t->device().is_cpu() && t->is_contiguous(),
-                "contiguous float32 CPU tensors");
-  }
-  const int64_t batch = row.size(0), heads = row.size(1), queries = row.size(2), side = distances.size(0);
-  const int64_t height = row.size(3), width = col.size(3);
-  TORCH_CHECK(grad_row.sizes() == row.sizes() && grad_col.sizes() == col.sizes() && queries == height * width &&
-                  statistics.size(2) == 3 && statistics.size(3) == queries,
-              "gradients, profiles and statistics do not match");
-  auto grad = at::empty({batch, heads, 3, queries}, row.options());
-  const float* table = distances.data_ptr<float>();
-  at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / heads, h = task % heads;
-      const float* stats = statistics.data_ptr<float>() + b * statistics.stride(0) + h * statistics.stride(1);
-      float* out = grad.data_ptr<float>() + task * 3 * queries;
-      for (int64_t q = 0; q < queries; ++q) {
-        const float* drow = grad_row.data_ptr<float>() + (task * queries + q) * height;
-        const float* dcol = grad_col.data_ptr<float>() + (task * queries + q) * width;
-        const float* row_q = row.data_ptr<float>() + (task * queries + q) * height;
-        const float* col_q = col.data_ptr<float>() + (task * queries + q) * width;
-        const float* row_distances = table + q / width * side;
-        const float* col_distances = table + q % width * side;
-        float weighted_row = 0.f, row_sum = 0.f, weighted_col = 0.f;
-        for (int64_t r = 0; r < height; ++r) {
-          const float g = drow[r] * row_q[r];
-          row_sum += g;
-          weighted_row += g * row_distances[r];
-        }
-        for (int64_t c = 0; c < width; ++c) weighted_col += dcol[c] * col_q[c] * col_distances[c];
-        const float x[3] = {stats[q * statistics.stride(3)], stats[statistics.stride(2) + q * statistics.stride(3)],
-                            stats[2 * statistics.stride(2) + q * statistics.stride(3)]};
-        const float weighted[2] = {weighted_row, weighted_col};
-        for (int64_t k = 0; k < 2; ++k) {
-          const float sig = 1.f / (1.f + std::exp(-x[k]));
-          const float denominator = sig + static_cast<float>(eps);
-          out[k * queries + q] = -weighted[k] * sig * (1.f - sig) / (denominator * denominator);
-        }
-        const float softplus = x[2] > 20.f ? x[2] : std::log1p(std::exp(x[2]));
-        const float slope = x[2] > 20.f ? 1.f : 1.f / (1.f + std::exp(-x[2]));
-        out[2 * queries + q] = softplus > static_cast<float>(floor) ? row_sum * slope / softplus : 0.f;
-      }
-    }
-  });
-  return grad;
-}
-
-}  // namespace
-
-TORCH_LIBRARY(LOCATVIT_NAMESPACE, m) {  // one per instruction set: locatvit_cpu_avx512, locatvit_cpu_avx2
-  m.def("has_blas() -> bool");
-  m.impl("has_blas", c10::DispatchKey::CompositeExplicitAutograd, TORCH_FN(has_blas));
-  m.def(
-      "gaussian_attention(Tensor query, Tensor key, Tensor value, Tensor row, Tensor col, float scale, "
-      "int prefix) -> (Tensor, Tensor)");
-  m.impl("gaussian_attention", c10::DispatchKey::CPU, TORCH_FN(gaussian_attention));
-  m.def(
-      "gaussian_attention_backward(Tensor grad_output, Tensor query, Tensor key, Tensor value, Tensor row, "
-      "Tensor col, Tensor output, Tensor logsumexp, float scale, int prefix) -> (Tensor, Tensor, Tensor, Tensor, "
-      "Tensor)");
-  m.impl("gaussian_attention_backward", c10::DispatchKey::CPU, TORCH_FN(gaussian_attention_backward));
-  m.def(
-      "gaussian_profiles_(Tensor(a!) row, Tensor(b!) col, Tensor statistics, Tensor distances, float eps, "
-      "float floor, float clamp) -> ()");
-  m.impl("gaussian_profiles_", c10::DispatchKey::CPU, TORCH_FN(gaussian_profiles_));
-  m.def(
-      "gaussian_profiles_backward(Tensor grad_row, Tensor grad_col, Tensor statistics, Tensor row, Tensor col, "
-      "Tensor distances, float eps, float floor) -> Tensor");
-  m.impl("gaussian_profiles_backward", c10::DispatchKey::CPU, TORCH_FN(gaussian_profiles_backward));
-}
-"""
+# The kernel's C++ source, shipped as package data (pyproject.toml).
+KERNEL_SOURCE = Path(__file__).resolve().parent / "kernels" / "cpu_attention.cpp"
 
 # The instruction sets the kernel is built for, with PyTorch's own compiler flags for each (ATen's vectorized types
 # pick their implementation from CPU_CAPABILITY).
@@ -572,6 +52,12 @@ _build_lock = threading.Lock()
 
 # Written next to the built library once it loaded: the fingerprint of everything the build depends on.
 BUILD_STAMP = "locatvit_build_stamp.txt"
+
+UNAVAILABLE = (
+    "LocAtViT's fused CPU kernel is unavailable here: it needs an x86 CPU with AVX2 or AVX-512, a C++ compiler, "
+    "ninja, its source locatvit_hf/kernels/cpu_attention.cpp and LOCATVIT_CPU_KERNEL unset or 1 (the log says what "
+    "was missing). Check `kernel_available()` before calling its operators."
+)
 
 
 class _DropMessage(logging.Filter):
@@ -601,9 +87,10 @@ def _import_cpp_extension():
 
 @dataclass(frozen=True)
 class KernelBuild:
-    """What `torch.utils.cpp_extension.load_inline` is given to build the kernel for one instruction set."""
+    """What `torch.utils.cpp_extension.load` is given to build the kernel for one instruction set."""
 
     capability: str
+    source: Path = KERNEL_SOURCE
 
     @property
     def extension_name(self) -> str:
@@ -625,12 +112,13 @@ class KernelBuild:
         return ["-fopenmp"]
 
     def fingerprint(self) -> str:
-        """SHA-256 of what decides whether torch's cached build is still valid: the source, the flags, the compiler,
-        the Python and the PyTorch build (its version and its headers' modification time, which a reinstall changes
-        and ninja compares)."""
+        """SHA-256 of what decides whether torch's cached build is still valid: the source and its path (ninja's
+        build command names it), the flags, the compiler, the Python and the PyTorch build (its version and its
+        headers' modification time, which a reinstall changes and ninja compares)."""
         headers = Path(torch.__file__).parent / "include" / "torch" / "extension.h"
         parts = [
-            KERNEL_SOURCE,
+            self.source.read_text(),
+            str(self.source),
             *self.cflags,
             *self.ldflags,
             os.environ.get("CXX", "c++"),
@@ -683,9 +171,9 @@ def _build_and_load(build: KernelBuild) -> None:
             build_directory or "torch's extension cache",
         )
     start = time.perf_counter()
-    cpp_extension.load_inline(
+    cpp_extension.load(
         build.extension_name,
-        cpp_sources=KERNEL_SOURCE,
+        sources=[str(build.source)],
         extra_cflags=build.cflags,
         extra_ldflags=build.ldflags,
         is_python_module=False,
@@ -702,7 +190,14 @@ def _load(capability: str | None = None) -> object | None:
     capability = capability or torch.backends.cpu.get_cpu_capability()
     if os.environ.get("LOCATVIT_CPU_KERNEL", "1") == "0" or capability not in CAPABILITY_FLAGS:
         return None
-    build = KernelBuild(capability)
+    if not KERNEL_SOURCE.is_file():  # informational only: the expected case for remote code
+        logger.info(
+            "LocAtViT's fused CPU attention kernel is unavailable: its source %s is not there (this module was "
+            "copied without its package); using sdpa with a mask.",
+            KERNEL_SOURCE,
+        )
+        return None
+    build = KernelBuild(capability, KERNEL_SOURCE)
     try:
         _build_and_load(build)
     except Exception as error:  # no compiler, no ninja, a failed build: the stock path serves
@@ -715,79 +210,246 @@ def _load(capability: str | None = None) -> object | None:
     return operators
 
 
-class FusedGaussianAttention(torch.autograd.Function):
-    """The kernel with its gradient: only the profiles, the output and one log-sum-exp per query are kept for the
-    backward pass, which recomputes the probabilities block by block and reduces the bias gradient to the profiles
-    while it is in the cache (nothing N x N is kept or leaves the cache, as in the forward)."""
+def _loaded() -> object | None:
+    """`_load()` for this CPU, serialized: concurrent first calls build the kernel once."""
+    with _build_lock:
+        return _load()
 
-    @staticmethod
-    def forward(ctx, query, key, value, row, col, scale: float, num_prefix: int):
-        output, logsumexp = _load().gaussian_attention(query, key, value, row, col, scale, num_prefix)
-        ctx.save_for_backward(query, key, value, row, col, output, logsumexp)
-        ctx.scale, ctx.num_prefix = scale, num_prefix
-        return output
 
-    @staticmethod
-    @once_differentiable  # the kernel's gradients are not themselves differentiable: say so rather than be wrong
-    def backward(ctx, grad_output):
-        query, key, value, row, col, output, logsumexp = ctx.saved_tensors
-        grads = _load().gaussian_attention_backward(
-            grad_output.contiguous(), query, key, value, row, col, output, logsumexp, ctx.scale, ctx.num_prefix
-        )
-        return *grads, None, None
+def _kernel():
+    """The kernel's operators for this CPU, for the custom operators' implementations; a clear error where they are
+    unavailable (the model checks `kernel_available()` first and never gets here then)."""
+    operators = _loaded()
+    if operators is None:
+        raise RuntimeError(UNAVAILABLE)
+    return operators
+
+
+# The custom operators' implementations, fake (shape-only) implementations and autograd formulas. The kernel returns
+# the attention output token-major, (batch, N, heads, dim), and the query, key and value gradients as (batch, heads,
+# N, dim) views of token-major tensors: the fake implementations give the same layouts.
+
+
+def _token_major(query: torch.Tensor) -> torch.Tensor:
+    """A new (batch, N, heads, dim) tensor for a (batch, heads, N, dim) query."""
+    batch, heads, seq_len, dim = query.shape
+    return query.new_empty(batch, seq_len, heads, dim)
+
+
+def _attention_kernel(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    row: torch.Tensor,
+    col: torch.Tensor,
+    scale: float,
+    num_prefix: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _kernel().gaussian_attention(query, key, value, row, col, scale, num_prefix)
+
+
+def _attention_fake(query, key, value, row, col, scale, num_prefix):
+    batch, heads, seq_len, _ = query.shape
+    return _token_major(query), query.new_empty(batch, heads, seq_len)
+
+
+def _attention_setup_context(ctx, inputs, output) -> None:
+    """Keeps only the inputs, the output and one log-sum-exp per query: the backward recomputes the probabilities
+    block by block (nothing N x N is kept). The log-sum-exp is an auxiliary output, without a gradient."""
+    query, key, value, row, col, scale, num_prefix = inputs
+    attended, logsumexp = output
+    ctx.mark_non_differentiable(logsumexp)
+    ctx.save_for_backward(query, key, value, row, col, attended, logsumexp)
+    ctx.scale, ctx.num_prefix = scale, num_prefix
+
+
+def _attention_backward(ctx, grad_output, _grad_logsumexp):
+    """The gradients of the inputs that need one, by the kernel's backward operator (a traced call under
+    `torch.compile`)."""
+    grads = _OPERATORS.attention_backward(grad_output, *ctx.saved_tensors, ctx.scale, ctx.num_prefix)
+    return *(grad if needed else None for grad, needed in zip(grads, ctx.needs_input_grad)), None, None
+
+
+def _attention_backward_kernel(
+    grad_output: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    row: torch.Tensor,
+    col: torch.Tensor,
+    output: torch.Tensor,
+    logsumexp: torch.Tensor,
+    scale: float,
+    num_prefix: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The kernel reads the gradient, the output and the log-sum-exp contiguous (no copy for those that are), and
+    autograd may hand it a strided gradient."""
+    saved = output.contiguous(), logsumexp.contiguous()
+    grad_output = grad_output.contiguous()
+    return _kernel().gaussian_attention_backward(grad_output, query, key, value, row, col, *saved, scale, num_prefix)
+
+
+def _attention_backward_fake(grad_output, query, key, value, row, col, output, logsumexp, scale, num_prefix):
+    grad_query, grad_key, grad_value = (_token_major(query).transpose(1, 2) for _ in range(3))
+    return grad_query, grad_key, grad_value, row.new_empty(row.shape), col.new_empty(col.shape)
+
+
+def _profiles_kernel(
+    statistics: torch.Tensor,
+    distances: torch.Tensor,
+    eps: float,
+    floor: float,
+    clamp: float,
+    height: int,
+    width: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    row, col = _profiles_fake(statistics, distances, eps, floor, clamp, height, width)
+    _kernel().gaussian_profiles_(row, col, statistics, distances, eps, floor, clamp)
+    return row, col
+
+
+def _profiles_fake(statistics, distances, eps, floor, clamp, height, width):
+    batch, heads, _, queries = statistics.shape
+    return statistics.new_empty(batch, heads, queries, height), statistics.new_empty(batch, heads, queries, width)
+
+
+def _profiles_setup_context(ctx, inputs, output) -> None:
+    """Keeps the statistics and the profiles: the backward is one pass, where autograd through the formula allocates
+    and keeps a dozen (batch, heads, 2, S, Q) tensors per layer (training step 1.11x -> 1.06x of the ViT's time,
+    measured at 224 px batch 16 and 512 px batch 4)."""
+    statistics, distances, eps, floor, _clamp, _height, _width = inputs
+    ctx.save_for_backward(statistics, distances, *output)
+    ctx.eps, ctx.floor = eps, floor
+
+
+def _profiles_backward(ctx, grad_row, grad_col):
+    """The statistics' gradient, by the kernel's backward operator; the table and the constants get none."""
+    statistics, distances, row, col = ctx.saved_tensors
+    grad = _OPERATORS.profiles_backward(grad_row, grad_col, statistics, row, col, distances, ctx.eps, ctx.floor)
+    return grad, None, None, None, None, None, None
+
+
+def _write_profiles_kernel(
+    row: torch.Tensor,
+    col: torch.Tensor,
+    statistics: torch.Tensor,
+    distances: torch.Tensor,
+    eps: float,
+    floor: float,
+    clamp: float,
+) -> None:
+    _kernel().gaussian_profiles_(row, col, statistics, distances, eps, floor, clamp)
+
+
+def _write_profiles_fake(row, col, statistics, distances, eps, floor, clamp) -> None:
+    return None
+
+
+def _profiles_backward_kernel(
+    grad_row: torch.Tensor,
+    grad_col: torch.Tensor,
+    statistics: torch.Tensor,
+    row: torch.Tensor,
+    col: torch.Tensor,
+    distances: torch.Tensor,
+    eps: float,
+    floor: float,
+) -> torch.Tensor:
+    """The kernel reads the gradients, the profiles and the table contiguous (no copy for those that are)."""
+    grad_row, grad_col, row, col, distances = (t.contiguous() for t in (grad_row, grad_col, row, col, distances))
+    return _kernel().gaussian_profiles_backward(grad_row, grad_col, statistics, row, col, distances, eps, floor)
+
+
+def _profiles_backward_fake(grad_row, grad_col, statistics, row, col, distances, eps, floor):
+    batch, heads, _, queries = statistics.shape
+    return row.new_empty(batch, heads, 3, queries)
+
+
+def _refuse_double_backward(ctx, *grads):
+    """The backward operators have no derivative of their own: a gradient of gradients raises instead of being
+    wrong."""
+    raise RuntimeError(
+        "LocAtViT's fused CPU kernel is differentiable once: its backward has no derivative, so a double backward "
+        "(a gradient of its gradients, e.g. through `create_graph=True`) is not supported."
+    )
+
+
+@dataclass(frozen=True)
+class Operators:
+    """The custom operators `torch.ops.locatvit.*`, resolved once (each call is then one dispatcher call)."""
+
+    attention: Callable
+    attention_backward: Callable
+    profiles: Callable
+    write_profiles: Callable
+    profiles_backward: Callable
+
+
+def _define(name: str, kernel: Callable, fake: Callable, mutates_args: tuple[str, ...] = ()) -> Callable:
+    """Defines `torch.ops.locatvit.<name>` for CPU tensors, its schema read from `kernel`'s annotations; returns
+    its overload. Defining it again (a reloaded module) replaces the previous definition."""
+    op = torch.library.custom_op(f"locatvit::{name}", kernel, mutates_args=mutates_args, device_types="cpu")
+    op.register_fake(fake)
+    return getattr(torch.ops.locatvit, name).default
+
+
+def _define_operators() -> Operators:
+    """Defines the custom operators and their autograd formulas (the backward operators refuse a second
+    derivative, as `once_differentiable` does)."""
+    operators = Operators(
+        attention=_define("gaussian_attention", _attention_kernel, _attention_fake),
+        attention_backward=_define(
+            "gaussian_attention_backward", _attention_backward_kernel, _attention_backward_fake
+        ),
+        profiles=_define("gaussian_profiles", _profiles_kernel, _profiles_fake),
+        write_profiles=_define("gaussian_profiles_", _write_profiles_kernel, _write_profiles_fake, ("row", "col")),
+        profiles_backward=_define("gaussian_profiles_backward", _profiles_backward_kernel, _profiles_backward_fake),
+    )
+    register = torch.library.register_autograd
+    register(operators.attention, _attention_backward, setup_context=_attention_setup_context)
+    register(operators.profiles, _profiles_backward, setup_context=_profiles_setup_context)
+    register(operators.attention_backward, _refuse_double_backward)
+    register(operators.profiles_backward, _refuse_double_backward)
+    return operators
+
+
+# Only where the source is: a copy of this module without it (remote code) must not replace the operators that the
+# installed package defined in the same process with implementations that cannot run.
+_OPERATORS: Operators | None = _define_operators() if KERNEL_SOURCE.is_file() else None
+
+
+@torch.compiler.assume_constant_result  # traced code asks too (a forced backend): a constant, not a graph break
+def kernel_available() -> bool:
+    """Whether the fused kernel's operators run here: its source is there, and it is built for this CPU (compiled, or
+    loaded from torch's cache, on the first call)."""
+    return _loaded() is not None and _OPERATORS is not None
 
 
 def gaussian_attention(query, key, value, row, col, scale: float, num_prefix: int) -> torch.Tensor:
     """softmax(q k^T * scale + B) v with the separable bias B of the (batch, heads, P, H) row and (batch, heads, P,
-    W) column profiles (`LocAtViTGaussianBias.patch_profiles`), for float32 (or float64) CPU tensors: (batch, N,
-    heads, dim)."""
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, row, col)):
-        return FusedGaussianAttention.apply(query, key, value, row, col, scale, num_prefix)
-    return _load().gaussian_attention(query, key, value, row, col, scale, num_prefix)[0]
+    W) column profiles (`LocAtViTGaussianBias`'s output), for float32 (or float64) CPU tensors: (batch, N,
+    heads, dim), with its gradient where one is recorded. One call of `torch.ops.locatvit.gaussian_attention`, whose
+    second output (one log-sum-exp per query, kept for the backward) it drops."""
+    if _OPERATORS is None:
+        raise RuntimeError(UNAVAILABLE)
+    return _OPERATORS.attention(query, key, value, row, col, scale, num_prefix)[0]
 
 
 def fused_cpu_attention() -> Callable | None:
     """`gaussian_attention`, or None where the kernel is unavailable (built on the first call)."""
-    with _build_lock:
-        return gaussian_attention if _load() is not None else None
-
-
-class FusedGaussianProfiles(torch.autograd.Function):
-    """`gaussian_profiles_` with its gradient to the statistics: only the statistics and the profiles are kept, and
-    the backward is one pass, where the formula's autograd allocates and keeps a dozen (batch, heads, 2, S, Q)
-    tensors per layer (training step 1.11x -> 1.06x of the ViT's time, measured at 224 px batch 16 and 512 px
-    batch 4)."""
-
-    @staticmethod
-    def forward(ctx, statistics, distances, eps: float, floor: float, clamp: float, height: int, width: int):
-        batch, heads, _, queries = statistics.shape
-        row = statistics.new_empty(batch, heads, queries, height)
-        col = statistics.new_empty(batch, heads, queries, width)
-        _load().gaussian_profiles_(row, col, statistics, distances, eps, floor, clamp)
-        ctx.save_for_backward(statistics, row, col, distances)
-        ctx.eps, ctx.floor = eps, floor
-        return row, col
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_row, grad_col):
-        statistics, row, col, distances = ctx.saved_tensors
-        grad = _load().gaussian_profiles_backward(
-            grad_row.contiguous(), grad_col.contiguous(), statistics, row, col, distances, ctx.eps, ctx.floor
-        )
-        return grad, None, None, None, None, None, None
+    return gaussian_attention if kernel_available() else None
 
 
 def gaussian_profiles(statistics, distances, eps: float, floor: float, clamp: float, height: int, width: int):
     """Row (batch, heads, Q, H) and column (batch, heads, Q, W) profiles from the statistics (batch, heads, 3, Q), by
-    the kernel's operators (float32 CPU tensors), with their gradient where one is recorded."""
-    return FusedGaussianProfiles.apply(statistics, distances, eps, floor, clamp, height, width)
+    `torch.ops.locatvit.gaussian_profiles` (float32 CPU tensors), with their gradient where one is recorded."""
+    if _OPERATORS is None:
+        raise RuntimeError(UNAVAILABLE)
+    return _OPERATORS.profiles(statistics, distances, eps, floor, clamp, height, width)
 
 
 def fused_cpu_profiles() -> Callable | None:
-    """The kernel's `gaussian_profiles_(row, col, statistics, distances, eps, floor, clamp)`: the Gaussian's profiles
-    without a gradient, written into `row` and `col` in one pass (float32 CPU tensors); None where the kernel is
-    unavailable."""
-    with _build_lock:
-        operators = _load()
-    return operators.gaussian_profiles_ if operators is not None else None
+    """`torch.ops.locatvit.gaussian_profiles_(row, col, statistics, distances, eps, floor, clamp)`: the Gaussian's
+    profiles without a gradient, written into `row` and `col` in one pass (float32 CPU tensors; for the encoder's
+    reused buffers); None where the kernel is unavailable."""
+    return _OPERATORS.write_profiles if kernel_available() else None

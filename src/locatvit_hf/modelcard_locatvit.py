@@ -24,7 +24,7 @@ ARXIV_URL = f"https://arxiv.org/abs/{ARXIV_ID}"
 IMAGENET_NUM_CLASSES = 1000
 # The authors' released checkpoints (timm format) that `locatvit_hf.convert` reads, and their size.
 AUTHOR_CHECKPOINTS = {"sinahmr/locatvit_tiny": "tiny", "sinahmr/locatvit_base": "base"}
-# SPEC §5: the only result of the paper that this project quotes.
+# docs/method.md#reported-results: the only result of the paper that this project quotes.
 REPORTED_RESULT = (
     "LocAtViT-Tiny gains about 6 mIoU and LocAtViT-Base about 4 mIoU on ADE20K over the same ViT trained the same "
     "way (frozen backbone, linear head), with equal or better ImageNet-1k top-1 accuracy"
@@ -139,7 +139,9 @@ def preset_of(config) -> str | None:
 
 
 def count_parameters(config, task: str) -> int:
-    """Parameters of the model class of `task` for `config`, counted from the architecture (SPEC §1-5)."""
+    """Parameters of the model class of `task` for `config`, counted from the architecture: the backbone, GAug's
+    two maps and the task's head (docs/method.md#backbone, #variances-and-strength-from-the-query,
+    #features-and-head)."""
     hidden, layers = config.hidden_size, config.num_hidden_layers
     rows, cols = config.grid_size
     patch_h, patch_w = config.patch_size

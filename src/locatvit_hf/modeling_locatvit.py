@@ -1,16 +1,12 @@
 """PyTorch LocAtViT: a ViT with Gaussian-augmented attention (GAug) and patch representation refinement (PRR).
 
-Hajimiri et al., "Locality-Attending Vision Transformer", ICLR 2026. Every formula here is SPEC §2-5.
+Hajimiri et al., "Locality-Attending Vision Transformer", ICLR 2026. The method in this project's words, with every formula and constant: docs/method.md.
 """
 
-import functools
 import math
-import threading
-from collections.abc import Callable
 
 import torch
 from torch import nn
-from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 from transformers import initialization as init
 from transformers.activations import ACT2FN, GELUActivation
@@ -22,72 +18,28 @@ from transformers.modeling_outputs import (
     ImageClassifierOutput,
     SemanticSegmenterOutput,
 )
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.modeling_utils import PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, auto_docstring
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
+from .attention_locatvit import (
+    FLUSH_CLAMP,
+    NUM_PREFIX_TOKENS,
+    PROFILE_FLOOR,
+    BiasWorkspace,
+    FlushedProfiles,
+    flushed_exp,
+    gaussian_attention,
+    grid_distance_table,
+    query_distance_tables,
+    traced,
+)
 from .configuration_locatvit import LocAtViTConfig
-from .cpu_attention_locatvit import fused_cpu_attention, fused_cpu_profiles, gaussian_profiles
-
-NUM_PREFIX_TOKENS = 1  # the CLS token
-# Profile values below this are set to 0, so that the product of two profiles is 0 or a normal float32: the bias then
-# holds no subnormal numbers, which x86 CPUs multiply and add about 100x slower (a trained model's narrow Gaussians
-# reach them on every far key). It changes a bias entry by less than 1e-37.
-PROFILE_FLOOR = 2.0**-62
-FLUSH_CLAMP = math.log(PROFILE_FLOOR) - 1.0  # exp of it is below the floor, so clamped entries are flushed
-
-
-def flushed_exp(exponent: torch.Tensor) -> torch.Tensor:
-    """exp(exponent), set to 0 wherever it would not exceed `PROFILE_FLOOR`; in place outside compilation. The
-    exponent is clamped first: on CPU, exp takes a slow path for very negative arguments (and -inf), ten to a
-    hundred times slower. (With a gradient, `FlushedProfiles` does this.)"""
-    if torch.compiler.is_compiling():  # the compiler fuses the three steps itself
-        return F.threshold(exponent.clamp(min=FLUSH_CLAMP).exp(), PROFILE_FLOOR, 0.0)
-    return flush_exp_(exponent.clamp_(min=FLUSH_CLAMP))
-
-
-def flush_exp_(clamped: torch.Tensor) -> torch.Tensor:
-    """In place: exp of an exponent clamped at `FLUSH_CLAMP`, with the values not above `PROFILE_FLOOR` set to 0."""
-    return F.threshold_(clamped.exp_(), PROFILE_FLOOR, 0.0)
-
-
-class FlushedProfiles(torch.autograd.Function):
-    """Row and column profiles from their (..., 2, S, Q) exponent (`LocAtViTGaussianBias.profiles`) when a gradient
-    is recorded: `flushed_exp` of it, returned as contiguous query-major row (..., Q, H) and column (..., Q, W)
-    profiles, the layout the attention reads.
-
-    Only those two are kept for backward, whose gradient is grad * profile (0 where flushed), written straight into
-    the exponent's layout. Autograd through exp, unbind, transposes and copies would keep the exponential too and
-    run twice as many passes over it.
-    """
-
-    @staticmethod
-    def forward(ctx, exponent: torch.Tensor, height: int, width: int):
-        profile = flush_exp_(exponent.clamp(min=FLUSH_CLAMP))
-        row = profile[..., 0, :height, :].transpose(-1, -2).contiguous()
-        col = profile[..., 1, :width, :].transpose(-1, -2).contiguous()
-        ctx.save_for_backward(row, col)
-        ctx.side = exponent.shape[-2]
-        return row, col
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_row: torch.Tensor | None, grad_col: torch.Tensor | None):
-        row, col = ctx.saved_tensors
-        shape = (*row.shape[:-2], 2, ctx.side, row.shape[-2])
-        padded = row.shape[-1] != ctx.side or col.shape[-1] != ctx.side  # a non-square grid's table padding: 0
-        grad = row.new_zeros(shape) if padded else row.new_empty(shape)
-        for index, (profile, grad_profile) in enumerate(((row, grad_row), (col, grad_col))):
-            target = grad[..., index, : profile.shape[-1], :].transpose(-1, -2)
-            if grad_profile is None:
-                target.zero_()
-            else:
-                torch.mul(grad_profile, profile, out=target)
-        return grad, None, None
-
+from .cpu_attention_locatvit import fused_cpu_profiles, gaussian_profiles
+from .validation_locatvit import check_classification_labels, check_pixel_values, check_segmentation_labels
 
 # The image-segmentation pipeline checks model types against this list, which the Auto registration does not extend.
 MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES.setdefault("locatvit", "LocAtViTForSemanticSegmentation")
@@ -115,7 +67,7 @@ class LocAtViTPatchEmbeddings(nn.Module):
 
 
 class LocAtViTEmbeddings(nn.Module):
-    """CLS token + patch embeddings + learned absolute position embeddings (resampled for other grids, SPEC §4)."""
+    """CLS token + patch embeddings + learned absolute position embeddings (resampled for other grids: docs/method.md#other-resolutions)."""
 
     def __init__(self, config: LocAtViTConfig):
         super().__init__()
@@ -130,8 +82,9 @@ class LocAtViTEmbeddings(nn.Module):
 
     def interpolate_pos_encoding(self, grid_size: tuple[int, int]) -> torch.Tensor:
         """Position embeddings for `grid_size`: the patch part resampled bicubically with antialiasing (timm's
-        `resample_abs_pos_embed`), the CLS part untouched."""
-        if tuple(grid_size) == tuple(self.grid_size):
+        `resample_abs_pos_embed`), the CLS part untouched. At the configured grid the resampling is the identity
+        (exactly), and skipped, except under `torch.export`, so that an export at that size serves every size."""
+        if not torch.compiler.is_exporting() and tuple(grid_size) == tuple(self.grid_size):
             return self.position_embeddings
         prefix = self.position_embeddings[:, :NUM_PREFIX_TOKENS]
         patch = self.position_embeddings[:, NUM_PREFIX_TOKENS:]
@@ -165,138 +118,17 @@ class LocAtViTEmbeddings(nn.Module):
         return self.dropout(embeddings), grid_size
 
 
-class SeparableBiasWriter(torch.autograd.Function):
-    """Writes B[i, j] = row[i, r_j] * col[i, c_j] for patch queries i and keys j straight into the (B, heads, N, N)
-    mask the attention reads, with zero rows and columns for the prefix tokens.
-
-    Autograd through the formula would build the (B, heads, P, H, W) product, copy it into a padded buffer, and in
-    backward read the mask gradient through strided views. Here the forward is one broadcast multiply into the mask's
-    patch block, and the backward reduces the incoming gradient to the (B, heads, P, H) and (B, heads, P, W) profile
-    gradients with batched matmuls over each (batch, head) slice, without copying it.
-    """
-
-    @staticmethod
-    def forward(ctx, row: torch.Tensor, col: torch.Tensor, num_prefix: int, dtype: torch.dtype) -> torch.Tensor:
-        batch, heads, num_patches, _ = row.shape
-        seq_len = num_prefix + num_patches
-        bias = new_bias_buffer((batch, heads, seq_len, seq_len), dtype, row.device)
-        ctx.save_for_backward(row, col)
-        ctx.num_prefix = num_prefix
-        return write_separable_bias(bias, row, col, num_prefix)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_bias: torch.Tensor):
-        row, col = ctx.saved_tensors
-        num_prefix = ctx.num_prefix
-        grad_row = row.new_empty(row.shape) if ctx.needs_input_grad[0] else None
-        grad_col = col.new_empty(col.shape) if ctx.needs_input_grad[1] else None
-        slices = row.shape[0] * row.shape[1]  # (batch, heads) flattened: views of the contiguous tensors
-
-        def flat(tensor):
-            return None if tensor is None else tensor.reshape(slices, *tensor.shape[2:])
-
-        patch_block = grad_bias[:, :, num_prefix:, num_prefix:].to(row.dtype).flatten(0, 1)
-        reduce_bias_gradient(patch_block, flat(row), flat(col), flat(grad_row), flat(grad_col))
-        return grad_row, grad_col, None, None
-
-
-@functools.lru_cache(maxsize=16)
-def grid_distance_table(
-    side: int, floor: float, scale: float, dtype: torch.dtype, device: torch.device
-) -> torch.Tensor:
-    """Clamped -0.5 * squared distances between the lines (rows or columns) 0..side-1 of a grid, divided by the
-    variances' `scale`: a symmetric (side, side) table, computed in float64 and rounded once to `dtype` (on CPU: not
-    every accelerator has float64). Built outside inference mode, so that tables first made by an inference call also
-    serve training."""
-    with torch.inference_mode(False):
-        positions = torch.arange(side, dtype=torch.float64)
-        table = (-0.5 * (positions[:, None] - positions[None, :]) ** 2).clamp(min=floor) / scale
-        return table.to(dtype).to(device)
-
-
-@functools.lru_cache(maxsize=16)
-def query_distance_tables(
-    height: int, width: int, floor: float, scale: float, dtype: torch.dtype, device: torch.device
-) -> torch.Tensor:
-    """`grid_distance_table` from every patch (row-major) to each grid row and column, stacked as one (2, S, P)
-    table, S = max(H, W): [0, r, i] to row r, [1, c, i] to column c (entries past H or W are padding, never read).
-    Stacked so that both profiles come from one broadcast expression, and queries last, so that it runs over
-    contiguous rows of queries (a grid's 14 rows or columns are too short for vectorized loops).
-
-    Cached for the few grid sizes a run meets; shared by all layers, whose constants are the same."""
-    with torch.inference_mode(False):
-        table = grid_distance_table.__wrapped__(max(height, width), floor, scale, dtype, device)
-        rows = torch.arange(height, device=device).repeat_interleave(width)
-        cols = torch.arange(width, device=device).repeat(height)
-        return torch.stack((table[:, rows], table[:, cols]))
-
-
-def new_bias_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A (..., N, N) bias with zero prefix rows and columns and an uninitialized patch block, for
-    `write_separable_bias`. Its rows are padded to whole 64-byte lines, placed (on CPU) so that each row's patch
-    columns start on a line: the bias is then written with aligned vector stores (1.7x faster at 512 px), and CUDA's
-    memory-efficient attention takes it without first copying it to such a layout. Attention kernels read the
-    padded rows through the stride."""
-    *leading, rows, cols = shape
-    per_line = max(1, 64 // torch.empty((), dtype=dtype).element_size())
-    row_stride = -(-cols // per_line) * per_line
-    offset = -NUM_PREFIX_TOKENS % per_line if torch.device(device).type == "cpu" else 0
-    storage = torch.empty(offset + math.prod(leading) * rows * row_stride, dtype=dtype, device=device)
-    return zero_prefix(storage[offset:].view(*leading, rows, row_stride)[..., :cols], NUM_PREFIX_TOKENS)
-
-
-def zero_prefix(bias: torch.Tensor, num_prefix: int) -> torch.Tensor:
-    """Zeroes the rows and columns of the prefix tokens of `bias` (..., N, N), which get no Gaussian bias."""
-    bias[..., :num_prefix, :].zero_()
-    bias[..., num_prefix:, :num_prefix].zero_()
-    return bias
-
-
-class BiasWorkspace:
-    """The buffers that all layers of an encoder reuse for what no layer keeps after its attention ran.
-
-    Without a gradient that is the (…, N, N) bias itself (`"bias"`, from `new_bias_buffer`) and the profiles'
-    exponent it is computed from (`"profiles"`), or, from the fused CPU kernel, the profiles themselves (`"row
-    profiles"`, `"column profiles"`); in training (`SeparableBiasAttention` on CPU, `EfficientBiasAttention`
-    on CUDA) the bias of each chunk (`chunk_biases`), and on CPU the scores and their gradient of short sequences
-    (`"scores"`, `"grad_scores"`, contiguous).
-    Reused across layers and calls, they cost their writes only, not a fresh allocation per layer (on CPU, large
-    allocations go back to the system when freed, and each reuse then pays a page fault per 4 KB). One set per
-    thread, so concurrent calls do not share them. Consequence for forward hooks on `LocAtViTGaussianBias`: in
-    inference its output is overwritten by the next layer; clone it to keep it. (With the fused CPU kernel, float32
-    `sdpa` on CPU writes no bias and does not call that module at all, only its `patch_profiles`.)
-    """
-
-    def __init__(self):
-        self._buffers: dict[tuple[int, str], torch.Tensor] = {}
-
-    def get(self, purpose: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        key = (threading.get_ident(), purpose)
-        buffer = self._buffers.get(key)
-        if buffer is None or buffer.shape != shape or buffer.dtype != dtype or buffer.device != device:
-            self._buffers.pop(key, None)  # free the old one before allocating its replacement
-            live = {t.ident for t in threading.enumerate()}
-            self._buffers = {k: b for k, b in self._buffers.items() if k[0] in live}
-            with torch.inference_mode(False):  # a normal tensor: inference calls and training steps may share it
-                if purpose == "bias":
-                    buffer = new_bias_buffer(shape, dtype, device)
-                else:
-                    buffer = torch.empty(shape, dtype=dtype, device=device)
-                self._buffers[key] = buffer
-        return buffer
-
-
 class LocAtViTGaussianBias(nn.Module):
-    """GAug (SPEC §2): an additive attention bias pulling each patch query towards its neighbours.
+    """GAug (docs/method.md#gaussian-augmented-attention-gaug): an additive attention bias pulling each patch query towards its neighbours.
 
     For query patch i at grid position (r_i, c_i) and key patch j:
         B_ij = alpha_i * exp(d_row(i, j) / (var_i[0] + eps) + d_col(i, j) / (var_i[1] + eps)),
     with d = -0.5 * squared distance, and per-query variances `var_i` and strength `alpha_i` predicted from q_i by two
     tiny linear maps shared by all heads of the layer. The exponential factorizes into a row profile
     alpha_i * exp(d_row / (var_i[0] + eps)) over the H rows and a column profile exp(d_col / (var_i[1] + eps)) over
-    the W columns: (H + W) exponentials per query instead of H * W, evaluated in float32, and their outer product
-    is written once, in the attention's dtype, into the mask (`SeparableBiasWriter`).
+    the W columns: (H + W) exponentials per query instead of H * W, evaluated in float32. This module returns those
+    profiles, on every attention backend (so forward hooks here see every layer's Gaussian); the backends of
+    `attention_locatvit` add their outer product to the attention logits.
     """
 
     def __init__(self, config: LocAtViTConfig):
@@ -307,7 +139,7 @@ class LocAtViTGaussianBias(nn.Module):
         side = max(self.initial_grid)
         self.max_variance = float(side**2)
         self.variance_shift = math.log(self.max_variance - 1) if self.max_variance > 2 else 0.0
-        # eps keeps the division finite in float16, the clamp keeps exp's argument there: SPEC §2.
+        # eps keeps the division finite in float16, the clamp keeps exp's argument there: docs/method.md#numerical-safeguards-eps-and-the-distance-clamp.
         eps = 0.1
         while 0.5 * (side - 1) ** 2 / eps**2 > 32500:
             eps *= 2
@@ -320,20 +152,17 @@ class LocAtViTGaussianBias(nn.Module):
 
     def uses_workspace(self) -> bool:
         """Whether this call writes into the encoder's reused buffers: no gradient recorded, outside compilation."""
-        return self.workspace is not None and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        return self.workspace is not None and not torch.is_grad_enabled() and not traced()
 
     def variance_scale(self, grid_size: tuple[int, int]) -> float:
-        """The variances' upper bound: the configured grid's squared side, rescaled with the grid (SPEC §2)."""
-        scale = self.max_variance
-        if tuple(grid_size) != self.initial_grid:
-            scale *= min(grid_size) / min(self.initial_grid)
-        return scale
+        """The variances' upper bound: the configured grid's squared side, rescaled with the grid (docs/method.md#variances-and-strength-from-the-query)."""
+        return self.max_variance * (torch.sym_min(*grid_size) / min(self.initial_grid))  # exactly 1x at the start
 
     def query_distances(self, grid_size: tuple[int, int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """-0.5 * squared distances from each patch query (row-major) to every grid row and column, clamped as in the
         original and divided by `variance_scale`: a (2, max(H, W), P) table (`query_distance_tables`)."""
         args = (*grid_size, self.min_half_sq_distance, self.variance_scale(grid_size), dtype)
-        if torch.compiler.is_compiling():
+        if traced():
             return query_distance_tables.__wrapped__(*args, device)
         return query_distance_tables(*args, torch.device(device))
 
@@ -385,14 +214,14 @@ class LocAtViTGaussianBias(nn.Module):
             # alpha below PROFILE_FLOOR only ever gives flushed entries; the clamp keeps log(alpha) finite.
             strength = F.softplus(statistics[..., 2, :])
             exponent.select(-3, 0).add_(torch.log(strength.clamp(min=PROFILE_FLOOR)).unsqueeze(-2))
-            if exponent.requires_grad and not torch.compiler.is_compiling():
+            if exponent.requires_grad and not traced():
                 return FlushedProfiles.apply(exponent, height, width)
             row, col = flushed_exp(exponent).unbind(-3)
         # Inference reads the row profiles as they are (a copy would cost more than it saves), the column profiles
         # contiguous; a non-square grid drops the table's padding.
         return row[..., :height, :].transpose(-1, -2), col[..., :width, :].transpose(-1, -2).contiguous()
 
-    def patch_profiles(self, query: torch.Tensor, grid_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, query: torch.Tensor, grid_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Row (batch, heads, P, H) and column (batch, heads, P, W) profiles of every patch query: the bias of patch
         query i and patch key j = (r, c) is row[i, r] * col[i, c]. Without a gradient (and with a workspace), they
         are (views of) reused buffers, valid until the next layer's call. On CPU in float32 the fused kernel's
@@ -403,10 +232,12 @@ class LocAtViTGaussianBias(nn.Module):
         batch, heads, seq_len, _ = query.shape
         patches, (height, width) = seq_len - NUM_PREFIX_TOKENS, grid_size
         on_cpu = statistics.device.type == "cpu" and statistics.dtype == torch.float32
-        write_profiles = fused_cpu_profiles() if on_cpu and not torch.compiler.is_compiling() else None
+        # The kernel's operators (traced by `torch.compile`; plain operators for `torch.export`).
+        write_profiles = fused_cpu_profiles() if on_cpu and not torch.compiler.is_exporting() else None
         if write_profiles is not None:
             scale = self.variance_scale(grid_size)
-            distances = grid_distance_table(max(grid_size), self.min_half_sq_distance, scale, torch.float32, "cpu")
+            table = grid_distance_table.__wrapped__ if traced() else grid_distance_table  # a tracer skips caches
+            distances = table(max(grid_size), self.min_half_sq_distance, scale, torch.float32, "cpu")
             constants = (distances, self.eps / scale, PROFILE_FLOOR, FLUSH_CLAMP)
             if not self.uses_workspace():  # with its gradient, if one is recorded
                 return gaussian_profiles(statistics, *constants, height, width)
@@ -421,29 +252,21 @@ class LocAtViTGaussianBias(nn.Module):
             out = self.workspace.get("profiles", shape, statistics.dtype, query.device)
         return self.profiles(statistics, distances, grid_size, out)
 
-    def forward(self, query: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
-        """Full (batch, heads, N, N) bias in `query`'s dtype; rows and columns of the CLS token are 0."""
-        row_profile, col_profile = self.patch_profiles(query, grid_size)
-        if torch.compiler.is_compiling():  # the compiler fuses the formula itself
-            patch_bias = (row_profile.unsqueeze(-1) * col_profile.unsqueeze(-2)).flatten(-2).to(query.dtype)
-            return F.pad(patch_bias, (NUM_PREFIX_TOKENS, 0, NUM_PREFIX_TOKENS, 0))
-        if self.uses_workspace():
-            batch, heads, seq_len, _ = query.shape
-            bias = self.workspace.get("bias", (batch, heads, seq_len, seq_len), query.dtype, query.device)
-            return write_separable_bias(bias, row_profile, col_profile, NUM_PREFIX_TOKENS)
-        return SeparableBiasWriter.apply(row_profile, col_profile, NUM_PREFIX_TOKENS, query.dtype)
-
     def _pooled_profiles(self, patch_queries: torch.Tensor, grid_size: tuple[int, int]):
-        """Profiles of the original's training shortcut for large initial grids (`pooled_queries`), evaluated once
-        per 2x2 block and shared by its four queries."""
+        """Profiles of the original's training shortcut for large initial grids (`pooled_queries`): the bias on
+        every second grid row and column, for queries and keys alike, repeated over each 2x2 block. So each block's
+        four queries share their profiles, and each profile reads the even row (column) of a key's block."""
         pooled, corners, block = self.pooled_queries(patch_queries, grid_size)
         statistics = self.statistics(pooled)
         distances = self.query_distances(grid_size, statistics.dtype, patch_queries.device)[..., corners]
         row_profile, col_profile = self.profiles(statistics, distances, grid_size)
-        return row_profile[:, :, block], col_profile[:, :, block]
+        height, width = grid_size
+        even_rows = torch.arange(height, device=pooled.device) // 2 * 2
+        even_cols = torch.arange(width, device=pooled.device) // 2 * 2
+        return row_profile[:, :, block][..., even_rows], col_profile[:, :, block][..., even_cols]
 
     def pooled_queries(self, patch_queries: torch.Tensor, grid_size: tuple[int, int]):
-        """The original's training shortcut for large initial grids (SPEC §2): queries average-pooled over 2x2 patch
+        """The original's training shortcut for large initial grids (docs/method.md#pooled-query-shortcut-for-large-initial-grids): queries average-pooled over 2x2 patch
         blocks give one variance and strength per block, evaluated at the block's even corner (every second row and
         column) and repeated over the block. Returns the pooled queries (batch, heads, blocks, head_dim), the patch
         index of each block's corner, and the block of each patch."""
@@ -462,353 +285,10 @@ class LocAtViTGaussianBias(nn.Module):
         ) * 2
         return pooled, corners.flatten(), block.flatten()
 
-    def score_mod(self, query: torch.Tensor, grid_size: tuple[int, int]) -> Callable:
-        """A `flex_attention` score modification that adds the bias inside the kernel, evaluating the Gaussian from
-        the per-query variances and strengths: nothing of size N x N is materialized (for long sequences)."""
-        height, width = grid_size
-        device = query.device
-        if self.training and self.pools_queries_in_training:
-            pooled, corners, block = self.pooled_queries(query[:, :, NUM_PREFIX_TOKENS:], grid_size)
-            variance, strength = self.variance_and_strength(pooled, grid_size)
-            variance, strength, positions = variance[:, :, block], strength[:, :, block], corners[block]
-        else:
-            variance, strength = self.variance_and_strength(query, grid_size)
-            variance = variance[:, :, NUM_PREFIX_TOKENS:]
-            strength = strength[:, :, NUM_PREFIX_TOKENS:]
-            positions = torch.arange(height * width, device=device)
-        query_rows, query_cols = positions // width, positions % width
-        inverse_row = 1 / (variance[..., 0] + self.eps)
-        inverse_col = 1 / (variance[..., 1] + self.eps)
-        strength = strength[..., 0]
-        floor = self.min_half_sq_distance
-
-        def gaussian_score_mod(score, batch, head, q_idx, kv_idx):
-            q = (q_idx - NUM_PREFIX_TOKENS).clamp(min=0)
-            k = (kv_idx - NUM_PREFIX_TOKENS).clamp(min=0)
-            row_offset = (query_rows[q] - k // width).to(inverse_row.dtype)
-            col_offset = (query_cols[q] - k % width).to(inverse_row.dtype)
-            d_row = torch.clamp(-0.5 * row_offset * row_offset, min=floor)
-            d_col = torch.clamp(-0.5 * col_offset * col_offset, min=floor)
-            exponent = d_row * inverse_row[batch, head, q] + d_col * inverse_col[batch, head, q]
-            bias = strength[batch, head, q] * torch.exp(exponent)
-            is_patch_pair = (q_idx >= NUM_PREFIX_TOKENS) & (kv_idx >= NUM_PREFIX_TOKENS)
-            return score + torch.where(is_patch_pair, bias, torch.zeros_like(bias)).to(score.dtype)
-
-        return gaussian_score_mod
-
-
-def flex_attention_forward(
-    module: nn.Module, query, key, value, score_mod: Callable | None, scaling: float, dropout: float = 0.0
-):
-    """Attention through `flex_attention`, compiled (the fused kernel), with the Gaussian as `score_mod`."""
-    if dropout > 0:
-        raise ValueError(
-            "`flex_attention` does not support attention dropout: set `attention_probs_dropout_prob=0` or use "
-            "`attn_implementation='sdpa'`."
-        )
-    if torch.compiler.is_compiling():  # inside a compiled model, the compiler fuses it
-        from torch.nn.attention.flex_attention import flex_attention
-    else:
-        flex_attention = compiled_flex_attention()
-    output = flex_attention(query, key, value, score_mod=score_mod, scale=scaling)
-    return output.transpose(1, 2).contiguous(), None
-
-
-@functools.cache
-def compiled_flex_attention() -> Callable:
-    """`flex_attention` compiled once per shape. Static shapes: inductor's CPU template miscompiles dynamic ones
-    (torch 2.14), and a vision model sees few distinct grid sizes."""
-    from torch.nn.attention.flex_attention import flex_attention
-
-    return torch.compile(flex_attention, dynamic=False)
-
-
-def write_separable_bias(bias: torch.Tensor, row: torch.Tensor, col: torch.Tensor, num_prefix: int) -> torch.Tensor:
-    """Writes row[..., i, r_j] * col[..., i, c_j] into the patch block of `bias` (..., N, N), whose prefix rows and
-    columns must be 0 (`new_bias_buffer`, `zero_prefix`)."""
-    patch_block = bias[..., num_prefix:, num_prefix:].unflatten(-1, (row.shape[-1], col.shape[-1]))
-    torch.mul(row.unsqueeze(-1), col.unsqueeze(-2), out=patch_block)
-    return bias
-
-
-def reduce_bias_gradient(grad: torch.Tensor, row: torch.Tensor, col: torch.Tensor, grad_row, grad_col) -> None:
-    """Gradients of patch blocks (n, P, P) of the bias with respect to their (n, P, H) row and (n, P, W) column
-    profiles, written into `grad_row` and `grad_col` (either may be None). Both are batched matrix-vector products
-    over the P queries: on small grids (and on accelerators) one copy of the block makes them a single batched call;
-    on large grids on CPU the strided block (P, H, W), strides (N, W, 1), is read in place, one slice at a time
-    (measured faster there)."""
-    slices, num_patches, height = row.shape
-    width = col.shape[-1]
-    if num_patches <= 256 or grad.device.type != "cpu":
-        grid = grad.reshape(slices * num_patches, height, width)
-        if grad_row is not None:
-            grad_row.copy_(torch.bmm(grid, col.reshape(-1, width, 1)).view_as(grad_row))
-        if grad_col is not None:
-            grad_col.copy_(torch.bmm(row.reshape(-1, 1, height), grid).view_as(grad_col))
-        return
-    for index in range(slices):
-        grid = grad[index].unflatten(-1, (height, width))
-        if grad_row is not None:
-            torch.bmm(grid, col[index].unsqueeze(-1), out=grad_row[index].unsqueeze(-1))
-        if grad_col is not None:
-            torch.bmm(row[index].unsqueeze(-2), grid, out=grad_col[index].unsqueeze(-2))
-
-
-# Above this many bytes, the inference bias is written and attended in equal blocks of queries
-# (`attention_in_query_blocks`): the whole (batch, heads, N, N) bias of a Tiny model takes 201 MB at 1024 px and
-# 3.2 GB at 2048 px. Below, it is written in one piece: blocks cost time (measured on CPU, Tiny, 1024 px: two blocks
-# about the same time as one piece, peak memory 141 instead of 238 MB; four blocks 15% slower).
-INFERENCE_BIAS_BYTES = 128 * 2**20
-
-
-def bias_bytes(query: torch.Tensor) -> int:
-    """Size of the (batch, heads, N, N) bias of `query` (batch, heads, N, head_dim), in its dtype."""
-    batch, heads, seq_len, _ = query.shape
-    return batch * heads * seq_len * seq_len * query.element_size()
-
-
-def attention_in_query_blocks(query, key, value, row, col, scale: float, workspace: "BiasWorkspace") -> torch.Tensor:
-    """`sdpa` with the separable bias, without a gradient, for long sequences: the bias rows of a block of queries
-    are written into one reused buffer and attended at once, so that the bias never takes much more than
-    `INFERENCE_BIAS_BYTES`. Returns (batch, N, heads, dim), as the attention interface does."""
-    batch, heads, seq_len, dim = query.shape
-    prefix = NUM_PREFIX_TOKENS
-    blocks = -(-bias_bytes(query) // INFERENCE_BIAS_BYTES)
-    block = max(prefix, -(-seq_len // blocks))  # equal blocks: a short last one would waste a kernel call
-    # `prefix` rows more than a block: the first block's prefix (CLS) queries get the zero rows on top; later blocks
-    # write below them, so that `write_separable_bias`, which skips the prefix rows, serves every block.
-    buffer = workspace.get("bias", (batch, heads, block + prefix, seq_len), query.dtype, query.device)
-    output = query.new_empty(batch, seq_len, heads, dim)
-    for start in range(0, seq_len, block):
-        stop = min(start + block, seq_len)
-        above = 0 if start == 0 else prefix  # rows of the buffer above this block's first query
-        rows = buffer[:, :, : above + stop - start]
-        patches = slice(max(start - prefix, 0), stop - prefix)
-        write_separable_bias(rows, row[:, :, patches], col[:, :, patches], prefix)
-        block_output = F.scaled_dot_product_attention(
-            query[:, :, start:stop], key, value, attn_mask=rows[:, :, above:], scale=scale
-        )
-        output[:, start:stop] = block_output.transpose(1, 2)
-    return output
-
-
-# Working memory of `SeparableBiasAttention`: (N x N) slices are processed this many bytes at a time.
-SLAB_BYTES = 16 * 2**20
-
-
-def attention_chunks(batch: int, heads: int, seq_len: int, element_size: int) -> list[tuple[slice, slice]]:
-    """(batch, heads) blocks whose (N, N) maps take about `SLAB_BYTES` together: whole images while one fits, else
-    groups of heads of one image (at least one head)."""
-    map_bytes = seq_len * seq_len * element_size
-    items = SLAB_BYTES // (heads * map_bytes)
-    if items >= 1:
-        return [(slice(start, min(start + items, batch)), slice(0, heads)) for start in range(0, batch, items)]
-    group = max(1, SLAB_BYTES // map_bytes)
-    return [
-        (slice(item, item + 1), slice(start, min(start + group, heads)))
-        for item in range(batch)
-        for start in range(0, heads, group)
-    ]
-
-
-# Sequences of at most this many tokens per head dimension keep their attention probabilities for the backward pass:
-# (heads, N, N) per image then adds at most a quarter to a layer's saved activations (about 15 x N x hidden), and
-# saves recomputing them. Longer sequences, whose probabilities grow with N^2, recompute them.
-KEPT_PROBABILITY_TOKENS_PER_HEAD_DIM = 4
-
-
-class SeparableBiasAttention(torch.autograd.Function):
-    """softmax(q k^T * scale + B) v for a bias B given by its separable profiles, for training on CPU where the fused
-    kernel (`cpu_attention_locatvit`, which does all of this inside the cache) is not built.
-
-    PyTorch's CPU attention has a fused kernel for a float mask but not for the mask's gradient: with a mask that
-    needs one, `sdpa` falls back to its unfused math path, which keeps the bias, the scores and the probabilities of
-    every layer. Here short sequences (`KEPT_PROBABILITY_TOKENS_PER_HEAD_DIM`) compute the attention with batched
-    matmuls and keep only the probabilities; long ones run the fused kernel, and the backward recomputes the bias
-    from its profiles and the probabilities from the saved log-sum-exp, going through the batch in chunks of about
-    `SLAB_BYTES`, so that nothing of size N x N outlives one chunk. Either way the bias gradient is reduced to the
-    profiles at once.
-    """
-
-    @staticmethod
-    def forward(ctx, query, key, value, row, col, scale: float, num_prefix: int, workspace: "BiasWorkspace"):
-        batch, heads, seq_len, dim = query.shape
-        ctx.scale, ctx.num_prefix, ctx.workspace = scale, num_prefix, workspace
-        ctx.keeps_probabilities = seq_len <= KEPT_PROBABILITY_TOKENS_PER_HEAD_DIM * dim
-        if ctx.keeps_probabilities:
-            slices = batch * heads
-            q, k, v = (tensor.reshape(slices, seq_len, dim) for tensor in (query, key, value))
-            scores = zero_prefix(workspace.get("scores", (slices, seq_len, seq_len), q.dtype, q.device), num_prefix)
-            write_separable_bias(scores, row.flatten(0, 1), col.flatten(0, 1), num_prefix)
-            probabilities = scores.baddbmm_(q, k.transpose(1, 2), alpha=scale).softmax(dim=-1)
-            output = torch.bmm(probabilities, v)
-            ctx.save_for_backward(q, k, v, row, col, output, probabilities)
-            return output.view(batch, heads, seq_len, dim)
-        output = query.new_empty(batch, heads, seq_len, dim)
-        logsumexp = query.new_empty(batch, heads, seq_len)
-        for chunk, bias in chunk_biases(workspace, query, row, col, num_prefix):
-            output[chunk], logsumexp[chunk] = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                query[chunk], key[chunk], value[chunk], 0.0, False, attn_mask=bias, scale=scale
-            )
-        ctx.save_for_backward(query, key, value, row, col, output, logsumexp)
-        return output
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_output):
-        query, key, value, row, col, output, saved = ctx.saved_tensors
-        batch, heads = row.shape[:2]
-        grad_row = row.new_empty(row.shape) if ctx.needs_input_grad[3] else None
-        grad_col = col.new_empty(col.shape) if ctx.needs_input_grad[4] else None
-        if ctx.keeps_probabilities:  # query, key, value, output: (batch * heads, N, dim); saved: probabilities
-            grad_o = grad_output.reshape(output.shape)
-            grads = [torch.empty_like(t) for t in (query, key, value)]
-            slices, seq_len = saved.shape[:2]
-            attention_backward_slices(
-                saved,
-                ctx.workspace.get("grad_scores", (slices, seq_len, seq_len), query.dtype, query.device),
-                query,
-                key,
-                value,
-                grad_o,
-                (grad_o * output).sum(-1, keepdim=True),
-                ctx,
-                grads,
-                row.flatten(0, 1),
-                col.flatten(0, 1),
-                None if grad_row is None else grad_row.flatten(0, 1),
-                None if grad_col is None else grad_col.flatten(0, 1),
-            )
-            return *(grad.view(batch, heads, *grad.shape[1:]) for grad in grads), grad_row, grad_col, None, None, None
-        seq_len = query.shape[-2]
-        # Contiguous gradients, whatever the inputs' layout: the chunks below write into views of them.
-        grads = [query.new_empty(t.shape) for t in (query, key, value)]
-        # D_i = sum_j P_ij dP_ij = dO_i . O_i, the softmax backward's row term.
-        delta = (grad_output * output).sum(-1, keepdim=True)
-        for chunk in attention_chunks(batch, heads, seq_len, query.element_size()):
-            flat = functools.partial(flat_chunk, chunk=chunk)
-            q, k, rows, cols = flat(query), flat(key), flat(row), flat(col)
-            # Fresh buffers, unlike the short sequences' reused ones: up to 2 x SLAB_BYTES that are not kept between
-            # steps (no measurable time or peak-memory difference at 512 px, batch 4).
-            probabilities = zero_prefix(q.new_empty(q.shape[0], seq_len, seq_len), ctx.num_prefix)
-            write_separable_bias(probabilities, rows, cols, ctx.num_prefix)
-            probabilities.baddbmm_(q, k.transpose(1, 2), alpha=ctx.scale)
-            probabilities.sub_(flat(saved.unsqueeze(-1))).exp_()
-            attention_backward_slices(
-                probabilities, torch.empty_like(probabilities), q, k, flat(value), flat(grad_output), flat(delta), ctx,
-                [flat(grad) for grad in grads], rows, cols, flat(grad_row), flat(grad_col),
-            )  # fmt: skip
-        return *grads, grad_row, grad_col, None, None, None
-
-
-class EfficientBiasAttention(torch.autograd.Function):
-    """softmax(q k^T * scale + B) v for a bias B given by its separable profiles, for training on CUDA.
-
-    `sdpa` with a mask that needs a gradient keeps every layer's (batch, heads, N, N) mask for the backward pass
-    (50 MB a layer for Tiny at 512 px, batch 4: twice a ViT's training memory) and returns the mask's whole
-    gradient. Here CUDA's memory-efficient kernel is called directly, in chunks of about `SLAB_BYTES`
-    (`attention_chunks`): the forward writes each chunk's bias into one reused buffer, the backward writes it
-    again from the profiles and reduces its gradient to the profiles at once. Only the profiles and the kernel's
-    log-sum-exp are kept, as for a plain ViT's attention.
-    """
-
-    @staticmethod
-    def forward(ctx, query, key, value, row, col, scale: float, num_prefix: int, workspace: "BiasWorkspace"):
-        batch, heads, seq_len, dim = query.shape
-        ctx.scale, ctx.num_prefix, ctx.workspace = scale, num_prefix, workspace
-        output = query.new_empty(batch, seq_len, heads, dim).transpose(1, 2)  # the layout the kernel writes
-        logsumexp = None
-        for chunk, bias in chunk_biases(workspace, query, row, col, num_prefix):
-            chunk_output, chunk_logsumexp, seed, offset = torch.ops.aten._scaled_dot_product_efficient_attention(
-                query[chunk], key[chunk], value[chunk], bias, True, scale=scale
-            )
-            if logsumexp is None:  # padded by the kernel to whole blocks of queries
-                logsumexp = chunk_logsumexp.new_empty(batch, heads, chunk_logsumexp.shape[-1])
-            output[chunk], logsumexp[chunk] = chunk_output, chunk_logsumexp
-        ctx.save_for_backward(query, key, value, row, col, output, logsumexp, seed, offset)
-        return output
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_output):
-        query, key, value, row, col, output, logsumexp, seed, offset = ctx.saved_tensors
-        batch, heads, seq_len, dim = query.shape
-        prefix = ctx.num_prefix
-        grads = [query.new_empty(batch, seq_len, heads, dim).transpose(1, 2) for _ in range(3)]
-        grad_row = row.new_empty(row.shape) if ctx.needs_input_grad[3] else None
-        grad_col = col.new_empty(col.shape) if ctx.needs_input_grad[4] else None
-        needs_bias_grad = grad_row is not None or grad_col is not None
-        for chunk, bias in chunk_biases(ctx.workspace, query, row, col, prefix):
-            *chunk_grads, grad_bias = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
-                grad_output[chunk], query[chunk], key[chunk], value[chunk], bias, output[chunk], logsumexp[chunk],
-                seed, offset, 0.0, [True, True, True, needs_bias_grad], False, scale=ctx.scale,
-            )  # fmt: skip
-            for grad, chunk_grad in zip(grads, chunk_grads):
-                grad[chunk] = chunk_grad
-            if needs_bias_grad:
-                patch_block = grad_bias[:, :, prefix:, prefix:].to(row.dtype).flatten(0, 1)
-                profiles = (flat_chunk(tensor, chunk) for tensor in (row, col, grad_row, grad_col))
-                reduce_bias_gradient(patch_block, *profiles)
-        return *grads, grad_row, grad_col, None, None, None
-
-
-def flat_chunk(tensor: torch.Tensor | None, chunk) -> torch.Tensor | None:
-    """One `attention_chunks` chunk of a (batch, heads, ...) tensor as (slices, ...). Of a contiguous tensor it is a
-    view, since a chunk (whole images, or heads of one image) is one contiguous block: the gradients written into
-    it land in `tensor`."""
-    return None if tensor is None else tensor[chunk].flatten(0, 1)
-
-
-def chunk_biases(workspace: "BiasWorkspace", query: torch.Tensor, row, col, num_prefix: int):
-    """Each (batch, heads) chunk of `attention_chunks` with its bias, written in turn into one reused workspace
-    buffer, sized for the first (largest) chunk."""
-    batch, heads, seq_len, _ = query.shape
-    chunks = attention_chunks(batch, heads, seq_len, query.element_size())
-    items, group = (part.stop - part.start for part in chunks[0])
-    buffer = workspace.get("bias", (items, group, seq_len, seq_len), query.dtype, query.device)
-    for chunk in chunks:
-        bias = buffer[: chunk[0].stop - chunk[0].start, : chunk[1].stop - chunk[1].start]
-        yield chunk, write_separable_bias(bias, row[chunk], col[chunk], num_prefix)
-
-
-def attention_backward_slices(
-    probabilities, grad_scores, q, k, v, grad_o, delta, ctx, grads, rows, cols, grad_rows, grad_cols
-) -> None:
-    """Gradients of softmax(q k^T * scale + B) v for (slices, N, ...) tensors, given the probabilities and the
-    softmax backward's row term `delta`: into `grads` (for q, k, v) and the profile gradients (either may be None).
-    `grad_scores`: an (slices, N, N) buffer to work in."""
-    grad_q, grad_k, grad_v = grads
-    torch.bmm(probabilities.transpose(1, 2), grad_o, out=grad_v)
-    torch.bmm(grad_o, v.transpose(1, 2), out=grad_scores)
-    grad_scores.sub_(delta).mul_(probabilities)  # dS = P * (dP - D): also the bias gradient
-    # beta=0: the outputs' old contents are ignored; the scale rides on the matmul (alpha)
-    torch.baddbmm(grad_q, grad_scores, k, beta=0.0, alpha=ctx.scale, out=grad_q)
-    torch.baddbmm(grad_k, grad_scores.transpose(1, 2), q, beta=0.0, alpha=ctx.scale, out=grad_k)
-    prefix = ctx.num_prefix
-    reduce_bias_gradient(grad_scores[:, prefix:, prefix:], rows, cols, grad_rows, grad_cols)
-
-
-def eager_attention_forward(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float,
-    dropout: float = 0.0,
-    **kwargs: Unpack[TransformersKwargs],
-):
-    attn_weights = torch.matmul(query, key.transpose(2, 3)) * scaling
-    if attention_mask is not None:
-        attn_weights = attn_weights + attention_mask
-    attn_weights = F.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
-    attn_weights = F.dropout(attn_weights, p=dropout, training=module.training)
-    attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
-    return attn_output, attn_weights
-
 
 class LocAtViTAttention(nn.Module):
-    """Multi-head self-attention whose logits get the Gaussian bias, passed to the attention interface as mask."""
+    """Multi-head self-attention whose logits get the Gaussian bias: q, k, v, the Gaussian's profiles, one backend
+    call (`attention_locatvit.gaussian_attention`, which chooses the backend), the output projection."""
 
     def __init__(self, config: LocAtViTConfig):
         super().__init__()
@@ -832,90 +312,20 @@ class LocAtViTAttention(nn.Module):
         query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        dropout = self.attention_dropout if self.training else 0.0
-        implementation = self.config._attn_implementation
-        if implementation == "flex_attention":
-            score_mod = self.gaussian_bias.score_mod(query, grid_size) if self.gaussian_bias is not None else None
-            attn_output, attn_weights = flex_attention_forward(
-                self, query, key, value, score_mod, self.scaling, dropout
-            )
-            return self.o_proj(attn_output.reshape(*input_shape, -1)), attn_weights
-
-        if self.gaussian_bias is not None and self.uses_fused_cpu_kernel(query, dropout):
-            row, col = self.gaussian_bias.patch_profiles(query, grid_size)
-            attn_output = fused_cpu_attention()(query, key, value, row, col, self.scaling, NUM_PREFIX_TOKENS)
-            return self.o_proj(attn_output.reshape(*input_shape, -1)), None
-
-        if self.gaussian_bias is not None and self.recomputes_bias_in_backward(query, dropout):
-            row, col = self.gaussian_bias.patch_profiles(query, grid_size)
-            attention = EfficientBiasAttention if query.device.type == "cuda" else SeparableBiasAttention
-            attn_output = attention.apply(
-                query, key, value, row, col, self.scaling, NUM_PREFIX_TOKENS, self.gaussian_bias.workspace
-            )
-            return self.o_proj(attn_output.transpose(1, 2).reshape(*input_shape, -1)), None
-
-        if self.gaussian_bias is not None and self.attends_in_query_blocks(query):
-            row, col = self.gaussian_bias.patch_profiles(query, grid_size)
-            attn_output = attention_in_query_blocks(
-                query, key, value, row, col, self.scaling, self.gaussian_bias.workspace
-            )
-            return self.o_proj(attn_output.reshape(*input_shape, -1)), None
-
-        bias = self.gaussian_bias(query, grid_size) if self.gaussian_bias is not None else None
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
-        attn_output, attn_weights = attention_interface(
-            self,
+        profiles = self.gaussian_bias(query, grid_size) if self.gaussian_bias is not None else None
+        attn_output, attn_weights = gaussian_attention(
             query,
             key,
             value,
-            bias,
-            dropout=dropout,
-            scaling=self.scaling,
-            **kwargs,
+            profiles,
+            implementation=self.config._attn_implementation,
+            forced=self.config.attention_backend,
+            scale=self.scaling,
+            dropout=self.attention_dropout if self.training else 0.0,
+            num_prefix=NUM_PREFIX_TOKENS,
+            workspace=self.gaussian_bias.workspace if self.gaussian_bias is not None else None,
         )
-        attn_output = self.o_proj(attn_output.reshape(*input_shape, -1).contiguous())
-        return attn_output, attn_weights
-
-    def uses_fused_cpu_kernel(self, query: torch.Tensor, dropout: float) -> bool:
-        """`sdpa` in float32 on CPU, inference and training, where the fused kernel (`cpu_attention_locatvit`) is
-        built: it evaluates the bias inside the attention instead of writing and reading an N x N mask."""
-        return (
-            query.device.type == "cpu"
-            and query.dtype == torch.float32
-            and dropout == 0.0
-            and self.config._attn_implementation == "sdpa"
-            and not torch.compiler.is_compiling()
-            and fused_cpu_attention() is not None
-        )
-
-    def attends_in_query_blocks(self, query: torch.Tensor) -> bool:
-        """`sdpa` without a gradient, with a bias above `INFERENCE_BIAS_BYTES`: `attention_in_query_blocks`."""
-        return (
-            self.gaussian_bias.uses_workspace()
-            and bias_bytes(query) > INFERENCE_BIAS_BYTES
-            and self.config._attn_implementation == "sdpa"
-        )
-
-    def recomputes_bias_in_backward(self, query: torch.Tensor, dropout: float) -> bool:
-        """Training with `sdpa` on CPU in float32 without the fused kernel (`SeparableBiasAttention`), or on CUDA
-        where its memory-efficient kernel is enabled and takes the head size (`EfficientBiasAttention`): see there
-        why."""
-        if not (torch.is_grad_enabled() and query.requires_grad and dropout == 0.0):  # first: inference is done here
-            return False
-        if (
-            self.config._attn_implementation != "sdpa"
-            or self.gaussian_bias.workspace is None
-            or torch.compiler.is_compiling()
-        ):
-            return False
-        if query.device.type == "cpu":
-            return query.dtype == torch.float32
-        return (
-            query.device.type == "cuda"
-            and query.dtype in (torch.float32, torch.float16, torch.bfloat16)  # the kernel's types
-            and torch.backends.cuda.mem_efficient_sdp_enabled()
-            and query.shape[-1] % 8 == 0
-        )
+        return self.o_proj(attn_output.reshape(*input_shape, -1)), attn_weights
 
 
 class LocAtViTMLP(nn.Module):
@@ -1033,7 +443,7 @@ class LocAtViTEncoder(nn.Module):
 
 
 class LocAtViTPatchRefinement(nn.Module):
-    """PRR (SPEC §3): parameter-free multi-head self-attention of the normed tokens with themselves.
+    """PRR (docs/method.md#patch-representation-refinement-prr): parameter-free multi-head self-attention of the normed tokens with themselves.
 
     No projections, no residual: softmax(x_h x_h^T / sqrt(C / heads)) x_h per head. It routes the classification
     gradient through every patch position, which is what makes the patch outputs meaningful.
@@ -1053,37 +463,6 @@ class LocAtViTPatchRefinement(nn.Module):
         return refined.transpose(1, 2).reshape(batch, queries.shape[2], channels)
 
 
-def check_pixel_values(pixel_values: torch.Tensor | None, config: LocAtViTConfig) -> None:
-    """Rejects inputs the model would otherwise misread, naming the problem and the fix."""
-    if pixel_values is None:
-        raise ValueError("`pixel_values` is required: pass a (batch, channels, height, width) float tensor.")
-    if not isinstance(pixel_values, torch.Tensor):
-        raise TypeError(f"`pixel_values` must be a torch.Tensor, got {type(pixel_values).__name__}.")
-    if pixel_values.ndim != 4:
-        raise ValueError(
-            f"`pixel_values` must have 4 dimensions (batch, channels, height, width), got shape "
-            f"{tuple(pixel_values.shape)}: add a batch dimension with `unsqueeze(0)` or stack the images."
-        )
-    if not pixel_values.is_floating_point():
-        raise TypeError(
-            f"`pixel_values` must be a floating-point tensor, got {pixel_values.dtype}: normalize the images with the "
-            "image processor (or convert them with `.float()`)."
-        )
-    if pixel_values.shape[0] == 0:
-        raise ValueError("`pixel_values` is an empty batch: pass at least one image.")
-    if pixel_values.shape[1] != config.num_channels:
-        raise ValueError(
-            f"`pixel_values` has {pixel_values.shape[1]} channels but the model expects {config.num_channels}: "
-            "convert the images (e.g. to RGB) or set `num_channels` in the config."
-        )
-    height, width = pixel_values.shape[-2:]
-    if height < config.patch_size[0] or width < config.patch_size[1]:
-        raise ValueError(
-            f"Images of {height}x{width} pixels are smaller than one {config.patch_size[0]}x{config.patch_size[1]} "
-            "patch: resize them to at least one patch."
-        )
-
-
 @auto_docstring
 class LocAtViTPreTrainedModel(PreTrainedModel):
     config: LocAtViTConfig
@@ -1093,7 +472,6 @@ class LocAtViTPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["LocAtViTEmbeddings", "LocAtViTLayer"]
     _supports_sdpa = True
-    _supports_flex_attn = True
     _supports_attention_backend = True
     _can_compile_fullgraph = True
     _can_record_outputs = {"hidden_states": LocAtViTLayer, "attentions": LocAtViTAttention}
@@ -1109,7 +487,7 @@ class LocAtViTPreTrainedModel(PreTrainedModel):
         return self.interpolates_by_default
 
     def _init_weights(self, module):
-        """timm's ViT initialization (SPEC §6): truncated normal 0.02 for Linear weights and the position embedding,
+        """timm's ViT initialization (docs/method.md#initialization): truncated normal 0.02 for Linear weights and the position embedding,
         normal 1e-6 for the CLS token, PyTorch's defaults for the patch-embedding conv and the norms. The 1x1 convs of
         the segmentation head are linear maps and start like the Linear layers."""
         std = self.config.initializer_range
@@ -1189,7 +567,7 @@ class LocAtViTModel(LocAtViTPreTrainedModel):
 
 @auto_docstring(
     custom_intro="""
-    LocAtViT with a linear classifier on the CLS token of the refined output (SPEC §3), e.g. for ImageNet.
+    LocAtViT with a linear classifier on the CLS token of the refined output (docs/method.md#patch-representation-refinement-prr), e.g. for ImageNet.
     """
 )
 class LocAtViTForImageClassification(LocAtViTPreTrainedModel):
@@ -1227,30 +605,8 @@ class LocAtViTForImageClassification(LocAtViTPreTrainedModel):
         return ImageClassifierOutput(loss=loss, logits=logits)
 
 
-def label_values_are_free(labels: torch.Tensor) -> bool:
-    """Whether reading the labels' values costs nothing: eager, on the CPU. On an accelerator it would wait for the
-    device, and under `torch.compile` break the graph; there the loss's own checks (a device-side assert) remain."""
-    return labels.device.type == "cpu" and not torch.compiler.is_compiling()
-
-
-def check_classification_labels(labels: torch.Tensor, logits: torch.Tensor, config: LocAtViTConfig) -> None:
-    if labels.shape[0] != logits.shape[0]:
-        raise ValueError(
-            f"`labels` has {labels.shape[0]} entries for a batch of {logits.shape[0]} images: pass one label per image."
-        )
-    integer_labels = not labels.is_floating_point()
-    if integer_labels and config.num_labels > 1 and labels.numel() > 0 and label_values_are_free(labels):
-        low, high = int(labels.min()), int(labels.max())
-        if low < 0 or high >= config.num_labels:
-            bad = low if low < 0 else high
-            raise ValueError(
-                f"Classification label {bad} is outside the model's classes [0, {config.num_labels}): check the "
-                "labels, or set `num_labels`/`id2label` in the config to cover them."
-            )
-
-
 class LocAtViTSegmentationHead(nn.Module):
-    """The paper's linear segmentation head (SPEC §5): 1x1 conv -> GroupNorm(1) -> GELU -> 1x1 conv."""
+    """The paper's linear segmentation head (docs/method.md#features-and-head): 1x1 conv -> GroupNorm(1) -> GELU -> 1x1 conv."""
 
     def __init__(self, config: LocAtViTConfig):
         super().__init__()
@@ -1273,7 +629,7 @@ def tokens_to_feature_map(hidden_states: torch.Tensor, grid_size: tuple[int, int
 
 @auto_docstring(
     custom_intro="""
-    LocAtViT with the paper's linear segmentation head on the last block's patch tokens (SPEC §5). Logits come at 1/16
+    LocAtViT with the paper's linear segmentation head on the last block's patch tokens (docs/method.md#features-and-head). Logits come at 1/16
     of the input resolution; the loss upsamples them bilinearly to the labels. With `config.freeze_backbone` the
     encoder stays frozen and in eval mode while the head trains, as in the paper's protocol.
     """
@@ -1325,29 +681,6 @@ class LocAtViTForSemanticSegmentation(LocAtViTPreTrainedModel):
             upsampled = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
             loss = F.cross_entropy(upsampled, labels.long(), ignore_index=self.config.semantic_loss_ignore_index)
         return SemanticSegmenterOutput(loss=loss, logits=logits)
-
-
-def check_segmentation_labels(labels: torch.Tensor, pixel_values: torch.Tensor, config: LocAtViTConfig) -> None:
-    if labels.ndim != 3 or labels.shape[0] != pixel_values.shape[0]:
-        raise ValueError(
-            f"Segmentation `labels` must have shape (batch, height, width) = ({pixel_values.shape[0]}, H, W), got "
-            f"{tuple(labels.shape)}: pass one label map per image, without a channel dimension."
-        )
-    if labels.is_floating_point():
-        raise TypeError(f"Segmentation `labels` must be an integer tensor of class ids, got {labels.dtype}.")
-    if not label_values_are_free(labels):
-        return
-    valid = labels != config.semantic_loss_ignore_index
-    if valid.any():
-        values = labels[valid]
-        low, high = int(values.min()), int(values.max())
-        if low < 0 or high >= config.num_labels:
-            bad = low if low < 0 else high
-            raise ValueError(
-                f"Segmentation label value {bad} is outside [0, {config.num_labels}) and is not the ignore index "
-                f"{config.semantic_loss_ignore_index}: remap the labels (e.g. `do_reduce_labels` for ADE20K) or set "
-                "`num_labels`."
-            )
 
 
 @auto_docstring(

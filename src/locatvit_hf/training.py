@@ -128,38 +128,23 @@ class GaussianStatsCallback(TrainerCallback):
         return sorted(found, key=lambda item: item[0])
 
     def attach(self, model: torch.nn.Module) -> None:
-        """Hooks each layer's q projection (the queries the Gaussian is predicted from) and the attention's input
-        (its grid size). Not the Gaussian module itself: the CPU training path uses its profiles without calling it."""
+        """Hooks each layer's Gaussian module, which every attention backend calls with the queries and the grid."""
         self.detach()
-        attentions = {
-            id(module.gaussian_bias): module for module in model.modules() if hasattr(module, "gaussian_bias")
-        }
         for index, gaussian in self.gaussian_modules(model):
-            attention = attentions[id(gaussian)]
-            grid = {}
-            self._hooks.append(attention.register_forward_pre_hook(self._grid_hook(grid)))
-            self._hooks.append(attention.q_proj.register_forward_hook(self._make_hook(index, gaussian, grid)))
+            self._hooks.append(gaussian.register_forward_hook(self._make_hook(index)))
 
     def detach(self) -> None:
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
 
-    @staticmethod
-    def _grid_hook(grid: dict):
-        def hook(attention, args):
-            grid["size"] = args[1]
-
-        return hook
-
-    def _make_hook(self, index: int, gaussian: torch.nn.Module, grid: dict):
-        def hook(q_proj, args, output):
+    def _make_hook(self, index: int):
+        def hook(gaussian, args, output):
             if not torch.is_grad_enabled():
                 return
-            batch, seq_len, _ = output.shape
-            query = output.detach().view(batch, seq_len, -1, gaussian.variance_proj.in_features).transpose(1, 2)
+            query, grid_size = args
             with torch.no_grad():
-                variance, strength = gaussian.variance_and_strength(query[:, :, 1:], grid["size"])
+                variance, strength = gaussian.variance_and_strength(query.detach()[:, :, 1:], grid_size)
                 stats = torch.cat((variance.reshape(-1, 2).sum(0), strength.reshape(-1).sum(0, keepdim=True)))
             self._sums[index] = self._sums[index] + stats if index in self._sums else stats
             self._counts[index] = self._counts.get(index, 0) + strength.numel()

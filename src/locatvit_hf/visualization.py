@@ -102,7 +102,7 @@ def gaussian_statistics(model: torch.nn.Module, pixel_values: torch.Tensor) -> d
     """Per layer, the Gaussian variance along rows (`"variance_row"`) and columns (`"variance_col"`) and the strength
     alpha (`"strength"`) of every patch query of every head and image: float arrays of shape (images, heads, patches),
     from `LocAtViTGaussianBias.variance_and_strength` of the layer's queries in a forward pass (eval mode)."""
-    from .modeling_locatvit import NUM_PREFIX_TOKENS
+    from .attention_locatvit import NUM_PREFIX_TOKENS
 
     pixel_values = _as_batch(pixel_values)
     owner = _encoder_owner(model)
@@ -220,7 +220,7 @@ def attention_maps(
     - `"cls_with_bias"`, `"cls_without_bias"`: the weight on the CLS token (the maps above sum to 1 minus these);
     - `"grid"`, `"layer"`, `"head"`, `"query"`.
     """
-    from .modeling_locatvit import NUM_PREFIX_TOKENS
+    from .attention_locatvit import NUM_PREFIX_TOKENS, full_bias
 
     pixel_values = _as_batch(pixel_values)[:1]
     owner = _encoder_owner(model)
@@ -254,7 +254,8 @@ def attention_maps(
         logits = (q[0, head, index].float() @ k[0, head].float().T) * attention.scaling
         bias = None
         if attention.gaussian_bias is not None:
-            bias = attention.gaussian_bias(q, (height, width))[0, head, index].float().clone()
+            profiles = attention.gaussian_bias(q, (height, width))
+            bias = full_bias(*profiles, NUM_PREFIX_TOKENS)[0, head, index].float().clone()
         without = torch.softmax(logits, dim=-1)
         with_bias = torch.softmax(logits + bias, dim=-1) if bias is not None else without
 

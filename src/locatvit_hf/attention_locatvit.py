@@ -1,0 +1,488 @@
+"""Attention with LocAtViT's Gaussian bias: the backends that compute it, and the one function that chooses.
+
+Every backend computes softmax(q k^T * scale + B) v, where B is the Gaussian bias of `LocAtViTGaussianBias`, given
+by its separable profiles: B[i, j] = row[i, r_j] * col[i, c_j] for patch query i and patch key j at grid position
+(r_j, c_j), and 0 in the rows and columns of the prefix (CLS) token (docs/method.md). Backends take the same
+arguments and return the output as (batch, N, heads, head_dim) and, for `eager` only, the attention probabilities.
+`select_backend` holds the whole decision table; `config.attention_backend` forces a backend by name.
+
+| backend | when (`attention_backend=None`) | what it does |
+|---|---|---|
+| `eager` | `attn_implementation="eager"`, and `torch.export` / ONNX export | the reference: the bias written out, softmax in at least float32; returns the probabilities |
+| `sdpa` | otherwise | the bias written once per layer as `sdpa`'s float mask |
+| `cpu_fused` | CPU, float32, no attention dropout, kernel built | the bias added inside a fused C++ kernel from the profiles |
+| `cuda_chunked` | CUDA training, no attention dropout | the memory-efficient kernel in chunks; the bias recomputed in backward |
+"""
+
+import functools
+import math
+import threading
+from collections.abc import Callable
+
+import torch
+from torch.autograd.function import once_differentiable
+from torch.nn import functional as F
+
+from .cpu_attention_locatvit import fused_cpu_attention
+
+NUM_PREFIX_TOKENS = 1  # the CLS token, which gets no Gaussian bias
+
+# Profile values below this are set to 0, so that the product of two profiles is 0 or a normal float32: the bias then
+# holds no subnormal numbers, which x86 CPUs multiply and add about 100x slower (a trained model's narrow Gaussians
+# reach them on every far key). It changes a bias entry by less than 1e-37.
+PROFILE_FLOOR = 2.0**-62
+FLUSH_CLAMP = math.log(PROFILE_FLOOR) - 1.0  # exp of it is below the floor, so clamped entries are flushed
+
+
+def flushed_exp(exponent: torch.Tensor) -> torch.Tensor:
+    """exp(exponent), set to 0 wherever it would not exceed `PROFILE_FLOOR`; in place outside compilation. The
+    exponent is clamped first: on CPU, exp takes a slow path for very negative arguments (and -inf), ten to a
+    hundred times slower. (With a gradient, `FlushedProfiles` does this.)"""
+    if traced():  # the compiler fuses the three steps itself
+        return F.threshold(exponent.clamp(min=FLUSH_CLAMP).exp(), PROFILE_FLOOR, 0.0)
+    return flush_exp_(exponent.clamp_(min=FLUSH_CLAMP))
+
+
+def flush_exp_(clamped: torch.Tensor) -> torch.Tensor:
+    """In place: exp of an exponent clamped at `FLUSH_CLAMP`, with the values not above `PROFILE_FLOOR` set to 0."""
+    return F.threshold_(clamped.exp_(), PROFILE_FLOOR, 0.0)
+
+
+class FlushedProfiles(torch.autograd.Function):
+    """Row and column profiles from their (..., 2, S, Q) exponent (`LocAtViTGaussianBias.profiles`) when a gradient
+    is recorded: `flushed_exp` of it, returned as contiguous query-major row (..., Q, H) and column (..., Q, W)
+    profiles, the layout the attention reads.
+
+    Only those two are kept for backward, whose gradient is grad * profile (0 where flushed), written straight into
+    the exponent's layout. Autograd through exp, unbind, transposes and copies would keep the exponential too and
+    run twice as many passes over it.
+    """
+
+    @staticmethod
+    def forward(ctx, exponent: torch.Tensor, height: int, width: int):
+        profile = flush_exp_(exponent.clamp(min=FLUSH_CLAMP))
+        row = profile[..., 0, :height, :].transpose(-1, -2).contiguous()
+        col = profile[..., 1, :width, :].transpose(-1, -2).contiguous()
+        ctx.save_for_backward(row, col)
+        ctx.side = exponent.shape[-2]
+        return row, col
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_row: torch.Tensor | None, grad_col: torch.Tensor | None):
+        row, col = ctx.saved_tensors
+        shape = (*row.shape[:-2], 2, ctx.side, row.shape[-2])
+        padded = row.shape[-1] != ctx.side or col.shape[-1] != ctx.side  # a non-square grid's table padding: 0
+        grad = row.new_zeros(shape) if padded else row.new_empty(shape)
+        for index, (profile, grad_profile) in enumerate(((row, grad_row), (col, grad_col))):
+            target = grad[..., index, : profile.shape[-1], :].transpose(-1, -2)
+            if grad_profile is None:
+                target.zero_()
+            else:
+                torch.mul(grad_profile, profile, out=target)
+        return grad, None, None
+
+
+@functools.lru_cache(maxsize=16)
+def grid_distance_table(
+    side: int, floor: float, scale: float, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """Clamped -0.5 * squared distances between the lines (rows or columns) 0..side-1 of a grid, divided by the
+    variances' `scale`: a symmetric (side, side) table, computed in float64 and rounded once to `dtype` (on CPU: not
+    every accelerator has float64). Built outside inference mode, so that tables first made by an inference call also
+    serve training."""
+    with torch.inference_mode(False):
+        positions = torch.arange(side, dtype=torch.float64)
+        table = (-0.5 * (positions[:, None] - positions[None, :]) ** 2).clamp(min=floor) / scale
+        return table.to(dtype).to(device)
+
+
+@functools.lru_cache(maxsize=16)
+def query_distance_tables(
+    height: int, width: int, floor: float, scale: float, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """`grid_distance_table` from every patch (row-major) to each grid row and column, stacked as one (2, S, P)
+    table, S = max(H, W): [0, r, i] to row r, [1, c, i] to column c (entries past H or W are padding, never read).
+    Stacked so that both profiles come from one broadcast expression, and queries last, so that it runs over
+    contiguous rows of queries (a grid's 14 rows or columns are too short for vectorized loops).
+
+    Cached for the few grid sizes a run meets; shared by all layers, whose constants are the same."""
+    with torch.inference_mode(False):
+        table = grid_distance_table.__wrapped__(max(height, width), floor, scale, dtype, device)
+        rows = torch.arange(height, device=device).repeat_interleave(width)
+        cols = torch.arange(width, device=device).repeat(height)
+        return torch.stack((table[:, rows], table[:, cols]))
+
+
+Backend = Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
+BACKENDS: dict[str, Backend] = {}
+
+
+def register_backend(name: str) -> Callable[[Backend], Backend]:
+    """Adds a backend `fn(query, key, value, profiles, *, scale, dropout, num_prefix, workspace)` under `name`:
+    selectable with `config.attention_backend`, and tested against `eager` by `tests/test_attention_backends.py`."""
+
+    def register(function: Backend) -> Backend:
+        BACKENDS[name] = function
+        return function
+
+    return register
+
+
+def traced() -> bool:
+    """Under `torch.compile` or `torch.export`: reused buffers are Python state the tracer cannot follow, and the
+    compiler fuses the bias's formula itself."""
+    return torch.compiler.is_compiling()
+
+
+def reuses_buffers(workspace: "BiasWorkspace | None", query: torch.Tensor) -> bool:
+    """Whether this call may write into the encoder's reused buffers: no gradient recorded, not traced."""
+    return workspace is not None and not (torch.is_grad_enabled() and query.requires_grad) and not traced()
+
+
+def full_bias(row: torch.Tensor, col: torch.Tensor, num_prefix: int) -> torch.Tensor:
+    """The (batch, heads, N, N) bias of the profiles, in plain operators: the outer product of each query's row and
+    column profiles, padded with the prefix's zero rows and columns."""
+    patch_bias = (row.unsqueeze(-1) * col.unsqueeze(-2)).flatten(-2)
+    return F.pad(patch_bias, (num_prefix, 0, num_prefix, 0))
+
+
+def separable_bias(row, col, num_prefix: int, dtype: torch.dtype, workspace: "BiasWorkspace | None", query):
+    """The bias as `sdpa`'s mask, in `dtype`: written into a reused buffer without a gradient, by
+    `SeparableBiasWriter` with one, in plain operators when traced."""
+    if reuses_buffers(workspace, query):
+        batch, heads, seq_len, _ = query.shape
+        bias = workspace.get("bias", (batch, heads, seq_len, seq_len), dtype, query.device)
+        return write_separable_bias(bias, row, col, num_prefix)
+    if traced():
+        return full_bias(row, col, num_prefix).to(dtype)
+    return SeparableBiasWriter.apply(row, col, num_prefix, dtype)
+
+
+@register_backend("eager")
+def eager_attention(query, key, value, profiles, *, scale: float, dropout: float, num_prefix: int, workspace=None):
+    """The reference: scores plus the whole bias, softmax in at least float32, dropout, weighted values. The only backend that
+    returns the attention probabilities (`output_attentions`)."""
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scale
+    if profiles is not None:
+        scores = scores + full_bias(*profiles, num_prefix).to(scores.dtype)
+    weights = F.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(query.dtype)
+    weights = F.dropout(weights, p=dropout, training=dropout > 0)
+    return torch.matmul(weights, value).transpose(1, 2), weights
+
+
+@register_backend("sdpa")
+def sdpa_attention(query, key, value, profiles, *, scale: float, dropout: float, num_prefix: int, workspace=None):
+    """`scaled_dot_product_attention` with the bias as its float mask, written once per layer from the profiles (in
+    blocks of queries when it would exceed `INFERENCE_BIAS_BYTES` without a gradient)."""
+    if profiles is None:
+        bias = None
+    elif reuses_buffers(workspace, query) and bias_bytes(query) > INFERENCE_BIAS_BYTES:
+        return attention_in_query_blocks(query, key, value, *profiles, scale, workspace, num_prefix), None
+    else:
+        bias = separable_bias(*profiles, num_prefix, query.dtype, workspace, query)
+    output = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, dropout_p=dropout, scale=scale)
+    return output.transpose(1, 2), None
+
+
+@register_backend("cpu_fused")
+def cpu_fused_attention(query, key, value, profiles, *, scale: float, dropout: float, num_prefix: int, workspace=None):
+    """The fused C++ kernel (`cpu_attention_locatvit`): the bias added from the profiles inside each block of
+    queries, nothing N x N written; inference and training."""
+    return fused_cpu_attention()(query, key, value, *profiles, scale, num_prefix), None
+
+
+@register_backend("cuda_chunked")
+def cuda_chunked_attention(query, key, value, profiles, *, scale: float, dropout: float, num_prefix: int, workspace):
+    """CUDA's memory-efficient kernel in chunks (`EfficientBiasAttention`): a ViT's training memory."""
+    output = EfficientBiasAttention.apply(
+        query, key, value, *profiles, scale, num_prefix, workspace or BiasWorkspace()
+    )
+    return output.transpose(1, 2), None
+
+
+def backend_unavailable(name: str, query: torch.Tensor, profiles, dropout: float) -> str | None:
+    """Why backend `name` cannot run this call (None if it can)."""
+    if name not in BACKENDS:
+        return f"unknown attention backend {name!r}: choose one of {sorted(BACKENDS)} or None (automatic)"
+    if name in ("cpu_fused", "cuda_chunked") and (profiles is None or dropout > 0):
+        return f"the {name!r} backend needs the Gaussian bias (`use_gaussian_attention=True`) and no attention dropout"
+    if name == "cpu_fused" and (query.device.type != "cpu" or query.dtype not in (torch.float32, torch.float64)):
+        return f"the 'cpu_fused' backend runs float32 or float64 CPU tensors, not {query.dtype} on {query.device}"
+    if name == "cpu_fused" and fused_cpu_attention() is None:
+        return "the 'cpu_fused' kernel is not built here (x86 with AVX2/AVX-512, a C++ compiler and ninja)"
+    if name == "cuda_chunked" and (query.device.type != "cuda" or query.shape[-1] % 8):
+        return "the 'cuda_chunked' backend runs CUDA tensors with a head size that is a multiple of 8"
+    return None
+
+
+def select_backend(query: torch.Tensor, profiles, *, implementation: str, forced: str | None, dropout: float) -> str:
+    """The name of the backend for this call: `forced` (`config.attention_backend`) if given, else the decision table
+    of this module's docstring."""
+    if forced is not None:
+        problem = backend_unavailable(forced, query, profiles, dropout)
+        if problem:
+            raise ValueError(
+                f"Cannot use `attention_backend={forced!r}`: {problem}. Set it to None to choose automatically."
+            )
+        return forced
+    if implementation == "eager" or torch.compiler.is_exporting():
+        return "eager"
+    if profiles is None or dropout > 0:
+        return "sdpa"
+    if query.device.type == "cpu" and query.dtype == torch.float32:  # an operator `torch.compile` traces
+        return "cpu_fused" if fused_cpu_attention() is not None else "sdpa"
+    training = torch.is_grad_enabled() and query.requires_grad
+    if training and not traced() and query.device.type == "cuda" and torch.backends.cuda.mem_efficient_sdp_enabled():
+        return "sdpa" if backend_unavailable("cuda_chunked", query, profiles, dropout) else "cuda_chunked"
+    return "sdpa"
+
+
+def gaussian_attention(query, key, value, profiles, *, implementation: str, forced: str | None, **kwargs):
+    """Runs the selected backend: (output (batch, N, heads, head_dim), probabilities or None)."""
+    name = select_backend(query, profiles, implementation=implementation, forced=forced, dropout=kwargs["dropout"])
+    return BACKENDS[name](query, key, value, profiles, **kwargs)
+
+
+class SeparableBiasWriter(torch.autograd.Function):
+    """Writes B[i, j] = row[i, r_j] * col[i, c_j] for patch queries i and keys j straight into the (B, heads, N, N)
+    mask the attention reads, with zero rows and columns for the prefix tokens.
+
+    Autograd through the formula would build the (B, heads, P, H, W) product, copy it into a padded buffer, and in
+    backward read the mask gradient through strided views. Here the forward is one broadcast multiply into the mask's
+    patch block, and the backward reduces the incoming gradient to the (B, heads, P, H) and (B, heads, P, W) profile
+    gradients with batched matmuls over each (batch, head) slice, without copying it.
+    """
+
+    @staticmethod
+    def forward(ctx, row: torch.Tensor, col: torch.Tensor, num_prefix: int, dtype: torch.dtype) -> torch.Tensor:
+        batch, heads, num_patches, _ = row.shape
+        seq_len = num_prefix + num_patches
+        bias = new_bias_buffer((batch, heads, seq_len, seq_len), dtype, row.device)
+        ctx.save_for_backward(row, col)
+        ctx.num_prefix = num_prefix
+        return write_separable_bias(bias, row, col, num_prefix)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_bias: torch.Tensor):
+        row, col = ctx.saved_tensors
+        num_prefix = ctx.num_prefix
+        grad_row = row.new_empty(row.shape) if ctx.needs_input_grad[0] else None
+        grad_col = col.new_empty(col.shape) if ctx.needs_input_grad[1] else None
+        slices = row.shape[0] * row.shape[1]  # (batch, heads) flattened: views of the contiguous tensors
+
+        def flat(tensor):
+            return None if tensor is None else tensor.reshape(slices, *tensor.shape[2:])
+
+        patch_block = grad_bias[:, :, num_prefix:, num_prefix:].to(row.dtype).flatten(0, 1)
+        reduce_bias_gradient(patch_block, flat(row), flat(col), flat(grad_row), flat(grad_col))
+        return grad_row, grad_col, None, None
+
+
+def new_bias_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A (..., N, N) bias with zero prefix rows and columns and an uninitialized patch block, for
+    `write_separable_bias`. Its rows are padded to whole 64-byte lines, placed (on CPU) so that each row's patch
+    columns start on a line: the bias is then written with aligned vector stores (1.7x faster at 512 px), and CUDA's
+    memory-efficient attention takes it without first copying it to such a layout. Attention kernels read the
+    padded rows through the stride."""
+    *leading, rows, cols = shape
+    per_line = max(1, 64 // torch.empty((), dtype=dtype).element_size())
+    row_stride = -(-cols // per_line) * per_line
+    offset = -NUM_PREFIX_TOKENS % per_line if torch.device(device).type == "cpu" else 0
+    storage = torch.empty(offset + math.prod(leading) * rows * row_stride, dtype=dtype, device=device)
+    return zero_prefix(storage[offset:].view(*leading, rows, row_stride)[..., :cols], NUM_PREFIX_TOKENS)
+
+
+def zero_prefix(bias: torch.Tensor, num_prefix: int) -> torch.Tensor:
+    """Zeroes the rows and columns of the prefix tokens of `bias` (..., N, N), which get no Gaussian bias."""
+    bias[..., :num_prefix, :].zero_()
+    bias[..., num_prefix:, :num_prefix].zero_()
+    return bias
+
+
+class BiasWorkspace:
+    """The buffers that all layers of an encoder reuse for what no layer keeps after its attention ran.
+
+    Without a gradient that is the (…, N, N) bias itself (`"bias"`, from `new_bias_buffer`) and the profiles (or
+    their exponent); in CUDA training (`EfficientBiasAttention`) the bias of each chunk (`chunk_biases`). Reused
+    across layers and calls, they cost their writes only, not a fresh allocation per layer (on CPU, large
+    allocations go back to the system when freed, and each reuse then pays a page fault per 4 KB). One set per
+    thread, so concurrent calls do not share them. Consequence for forward hooks on `LocAtViTGaussianBias`: in
+    inference its output, the profiles, is overwritten by the next layer; clone it to keep it.
+    """
+
+    def __init__(self):
+        self._buffers: dict[tuple[int, str], torch.Tensor] = {}
+
+    def get(self, purpose: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        key = (threading.get_ident(), purpose)
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.shape != shape or buffer.dtype != dtype or buffer.device != device:
+            self._buffers.pop(key, None)  # free the old one before allocating its replacement
+            live = {t.ident for t in threading.enumerate()}
+            self._buffers = {k: b for k, b in self._buffers.items() if k[0] in live}
+            with torch.inference_mode(False):  # a normal tensor: inference calls and training steps may share it
+                if purpose == "bias":
+                    buffer = new_bias_buffer(shape, dtype, device)
+                else:
+                    buffer = torch.empty(shape, dtype=dtype, device=device)
+                self._buffers[key] = buffer
+        return buffer
+
+
+def write_separable_bias(bias: torch.Tensor, row: torch.Tensor, col: torch.Tensor, num_prefix: int) -> torch.Tensor:
+    """Writes row[..., i, r_j] * col[..., i, c_j] into the patch block of `bias` (..., N, N), whose prefix rows and
+    columns must be 0 (`new_bias_buffer`, `zero_prefix`)."""
+    patch_block = bias[..., num_prefix:, num_prefix:].unflatten(-1, (row.shape[-1], col.shape[-1]))
+    torch.mul(row.unsqueeze(-1), col.unsqueeze(-2), out=patch_block)
+    return bias
+
+
+def reduce_bias_gradient(grad: torch.Tensor, row: torch.Tensor, col: torch.Tensor, grad_row, grad_col) -> None:
+    """Gradients of patch blocks (n, P, P) of the bias with respect to their (n, P, H) row and (n, P, W) column
+    profiles, written into `grad_row` and `grad_col` (either may be None). Both are batched matrix-vector products
+    over the P queries: on small grids (and on accelerators) one copy of the block makes them a single batched call;
+    on large grids on CPU the strided block (P, H, W), strides (N, W, 1), is read in place, one slice at a time
+    (measured faster there)."""
+    slices, num_patches, height = row.shape
+    width = col.shape[-1]
+    if num_patches <= 256 or grad.device.type != "cpu":
+        grid = grad.reshape(slices * num_patches, height, width)
+        if grad_row is not None:
+            grad_row.copy_(torch.bmm(grid, col.reshape(-1, width, 1)).view_as(grad_row))
+        if grad_col is not None:
+            grad_col.copy_(torch.bmm(row.reshape(-1, 1, height), grid).view_as(grad_col))
+        return
+    for index in range(slices):
+        grid = grad[index].unflatten(-1, (height, width))
+        if grad_row is not None:
+            torch.bmm(grid, col[index].unsqueeze(-1), out=grad_row[index].unsqueeze(-1))
+        if grad_col is not None:
+            torch.bmm(row[index].unsqueeze(-2), grid, out=grad_col[index].unsqueeze(-2))
+
+
+# Above this many bytes, the inference bias is written and attended in equal blocks of queries
+# (`attention_in_query_blocks`): the whole (batch, heads, N, N) bias of a Tiny model takes 201 MB at 1024 px and
+# 3.2 GB at 2048 px. Below, it is written in one piece: blocks cost time (measured on CPU, Tiny, 1024 px: two blocks
+# about the same time as one piece, peak memory 141 instead of 238 MB; four blocks 15% slower).
+INFERENCE_BIAS_BYTES = 128 * 2**20
+
+
+def bias_bytes(query: torch.Tensor) -> int:
+    """Size of the (batch, heads, N, N) bias of `query` (batch, heads, N, head_dim), in its dtype."""
+    batch, heads, seq_len, _ = query.shape
+    return batch * heads * seq_len * seq_len * query.element_size()
+
+
+def attention_in_query_blocks(query, key, value, row, col, scale: float, workspace: "BiasWorkspace", prefix: int):
+    """`sdpa` with the separable bias, without a gradient, for long sequences: the bias rows of a block of queries
+    are written into one reused buffer and attended at once, so that the bias never takes much more than
+    `INFERENCE_BIAS_BYTES`. Returns (batch, N, heads, dim), as the attention interface does."""
+    batch, heads, seq_len, dim = query.shape
+    blocks = -(-bias_bytes(query) // INFERENCE_BIAS_BYTES)
+    block = max(prefix, -(-seq_len // blocks))  # equal blocks: a short last one would waste a kernel call
+    # `prefix` rows more than a block: the first block's prefix (CLS) queries get the zero rows on top; later blocks
+    # write below them, so that `write_separable_bias`, which skips the prefix rows, serves every block.
+    buffer = workspace.get("bias", (batch, heads, block + prefix, seq_len), query.dtype, query.device)
+    output = query.new_empty(batch, seq_len, heads, dim)
+    for start in range(0, seq_len, block):
+        stop = min(start + block, seq_len)
+        above = 0 if start == 0 else prefix  # rows of the buffer above this block's first query
+        rows = buffer[:, :, : above + stop - start]
+        patches = slice(max(start - prefix, 0), stop - prefix)
+        write_separable_bias(rows, row[:, :, patches], col[:, :, patches], prefix)
+        block_output = F.scaled_dot_product_attention(
+            query[:, :, start:stop], key, value, attn_mask=rows[:, :, above:], scale=scale
+        )
+        output[:, start:stop] = block_output.transpose(1, 2)
+    return output
+
+
+# Working memory of `EfficientBiasAttention`: (N x N) slices are processed this many bytes at a time.
+SLAB_BYTES = 16 * 2**20
+
+
+def attention_chunks(batch: int, heads: int, seq_len: int, element_size: int) -> list[tuple[slice, slice]]:
+    """(batch, heads) blocks whose (N, N) maps take about `SLAB_BYTES` together: whole images while one fits, else
+    groups of heads of one image (at least one head)."""
+    map_bytes = seq_len * seq_len * element_size
+    items = SLAB_BYTES // (heads * map_bytes)
+    if items >= 1:
+        return [(slice(start, min(start + items, batch)), slice(0, heads)) for start in range(0, batch, items)]
+    group = max(1, SLAB_BYTES // map_bytes)
+    return [
+        (slice(item, item + 1), slice(start, min(start + group, heads)))
+        for item in range(batch)
+        for start in range(0, heads, group)
+    ]
+
+
+class EfficientBiasAttention(torch.autograd.Function):
+    """softmax(q k^T * scale + B) v for a bias B given by its separable profiles, for training on CUDA.
+
+    `sdpa` with a mask that needs a gradient keeps every layer's (batch, heads, N, N) mask for the backward pass
+    (50 MB a layer for Tiny at 512 px, batch 4: twice a ViT's training memory) and returns the mask's whole
+    gradient. Here CUDA's memory-efficient kernel is called directly, in chunks of about `SLAB_BYTES`
+    (`attention_chunks`): the forward writes each chunk's bias into one reused buffer, the backward writes it
+    again from the profiles and reduces its gradient to the profiles at once. Only the profiles and the kernel's
+    log-sum-exp are kept, as for a plain ViT's attention.
+    """
+
+    @staticmethod
+    def forward(ctx, query, key, value, row, col, scale: float, num_prefix: int, workspace: "BiasWorkspace"):
+        batch, heads, seq_len, dim = query.shape
+        ctx.scale, ctx.num_prefix, ctx.workspace = scale, num_prefix, workspace
+        output = query.new_empty(batch, seq_len, heads, dim).transpose(1, 2)  # the layout the kernel writes
+        logsumexp = None
+        for chunk, bias in chunk_biases(workspace, query, row, col, num_prefix):
+            chunk_output, chunk_logsumexp, seed, offset = torch.ops.aten._scaled_dot_product_efficient_attention(
+                query[chunk], key[chunk], value[chunk], bias, True, scale=scale
+            )
+            if logsumexp is None:  # padded by the kernel to whole blocks of queries
+                logsumexp = chunk_logsumexp.new_empty(batch, heads, chunk_logsumexp.shape[-1])
+            output[chunk], logsumexp[chunk] = chunk_output, chunk_logsumexp
+        ctx.save_for_backward(query, key, value, row, col, output, logsumexp, seed, offset)
+        return output
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        query, key, value, row, col, output, logsumexp, seed, offset = ctx.saved_tensors
+        batch, heads, seq_len, dim = query.shape
+        prefix = ctx.num_prefix
+        grads = [query.new_empty(batch, seq_len, heads, dim).transpose(1, 2) for _ in range(3)]
+        grad_row = row.new_empty(row.shape) if ctx.needs_input_grad[3] else None
+        grad_col = col.new_empty(col.shape) if ctx.needs_input_grad[4] else None
+        needs_bias_grad = grad_row is not None or grad_col is not None
+        for chunk, bias in chunk_biases(ctx.workspace, query, row, col, prefix):
+            *chunk_grads, grad_bias = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
+                grad_output[chunk], query[chunk], key[chunk], value[chunk], bias, output[chunk], logsumexp[chunk],
+                seed, offset, 0.0, [True, True, True, needs_bias_grad], False, scale=ctx.scale,
+            )  # fmt: skip
+            for grad, chunk_grad in zip(grads, chunk_grads):
+                grad[chunk] = chunk_grad
+            if needs_bias_grad:
+                patch_block = grad_bias[:, :, prefix:, prefix:].to(row.dtype).flatten(0, 1)
+                profiles = (flat_chunk(tensor, chunk) for tensor in (row, col, grad_row, grad_col))
+                reduce_bias_gradient(patch_block, *profiles)
+        return *grads, grad_row, grad_col, None, None, None
+
+
+def flat_chunk(tensor: torch.Tensor | None, chunk) -> torch.Tensor | None:
+    """One `attention_chunks` chunk of a (batch, heads, ...) tensor as (slices, ...). Of a contiguous tensor it is a
+    view, since a chunk (whole images, or heads of one image) is one contiguous block: the gradients written into
+    it land in `tensor`."""
+    return None if tensor is None else tensor[chunk].flatten(0, 1)
+
+
+def chunk_biases(workspace: "BiasWorkspace", query: torch.Tensor, row, col, num_prefix: int):
+    """Each (batch, heads) chunk of `attention_chunks` with its bias, written in turn into one reused workspace
+    buffer, sized for the first (largest) chunk."""
+    batch, heads, seq_len, _ = query.shape
+    chunks = attention_chunks(batch, heads, seq_len, query.element_size())
+    items, group = (part.stop - part.start for part in chunks[0])
+    buffer = workspace.get("bias", (items, group, seq_len, seq_len), query.dtype, query.device)
+    for chunk in chunks:
+        bias = buffer[: chunk[0].stop - chunk[0].start, : chunk[1].stop - chunk[1].start]
+        yield chunk, write_separable_bias(bias, row[chunk], col[chunk], num_prefix)

@@ -1,0 +1,175 @@
+"""Every registered attention backend equals the eager reference: a new backend is tested by being registered.
+
+Each runs on the same cases (non-square grids, the profiles of the pooled-query training shortcut, models with and
+without the Gaussian): outputs and every gradient, float32 tightly, bfloat16 within twice the reference's own
+bfloat16 error. A backend that cannot run here (e.g. CUDA's on a CPU machine) is skipped with its reason."""
+
+import copy
+
+import pytest
+import torch
+
+import locatvit_hf.attention_locatvit as attention
+from locatvit_hf import LocAtViTForImageClassification, LocAtViTForSemanticSegmentation
+
+from .conftest import assert_gradients_close, tiny_config
+
+BACKENDS = sorted(attention.BACKENDS)
+
+
+def attention_inputs(grid, dtype=torch.float32, batch=2, heads=2, dim=8, seed=0):
+    """Queries, keys and values (batch, heads, N, dim) and trained-like profiles of a grid, needing gradients."""
+    generator = torch.Generator().manual_seed(seed)
+    height, width = grid
+    seq_len = 1 + height * width
+    qkv = [torch.randn(batch, heads, seq_len, dim, generator=generator) for _ in "qkv"]
+    row = torch.rand(batch, heads, height * width, height, generator=generator) * 2
+    col = torch.rand(batch, heads, height * width, width, generator=generator)
+    return [t.to(dtype).requires_grad_() for t in qkv] + [row.requires_grad_(), col.requires_grad_()]
+
+
+def run(name, inputs, workspace=None):
+    """A backend's output (batch, N, heads, dim) and the gradients of a fixed random projection of it."""
+    query, key, value, row, col = inputs
+    output, _ = attention.BACKENDS[name](
+        query, key, value, (row, col), scale=0.35, dropout=0.0, num_prefix=1, workspace=workspace
+    )
+    weight = torch.randn(output.shape, generator=torch.Generator().manual_seed(1))
+    grads = torch.autograd.grad((output.float() * weight).sum(), inputs)
+    return output.detach(), grads
+
+
+def skip_if_unavailable(name, inputs):
+    problem = attention.backend_unavailable(name, inputs[0], inputs[3:], 0.0)
+    if problem:
+        pytest.skip(problem)
+
+
+@pytest.mark.parametrize("grid", [(3, 5), (4, 4), (1, 6)], ids=str)
+@pytest.mark.parametrize("name", BACKENDS)
+def test_backend_equals_eager_in_float32(name, grid):
+    inputs = attention_inputs(grid)
+    skip_if_unavailable(name, inputs)
+    expected_output, expected_grads = run("eager", inputs)
+    output, grads = run(name, inputs, attention.BiasWorkspace())
+    torch.testing.assert_close(output, expected_output, rtol=1e-5, atol=1e-6)
+    for grad, expected in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_backend_in_bfloat16_is_as_close_as_the_reference(name):
+    """Against float64, a backend's bfloat16 error is at most twice (plus rounding) the eager reference's own."""
+    inputs = attention_inputs((3, 4), torch.bfloat16)
+    skip_if_unavailable(name, inputs)
+    exact = [t.detach().double().requires_grad_() for t in inputs]
+    exact_output, exact_grads = run("eager", exact)
+    reference_output, reference_grads = run("eager", inputs)
+    output, grads = run(name, inputs, attention.BiasWorkspace())
+
+    def error(actual, expected):
+        return (actual.double() - expected).abs().max().item()
+
+    assert error(output, exact_output) <= 2 * error(reference_output, exact_output) + 1e-2
+    for grad, reference, exact_grad in zip(grads, reference_grads, exact_grads):
+        assert error(grad, exact_grad) <= 2 * error(reference, exact_grad) + 1e-2
+
+
+@pytest.mark.parametrize(
+    "model_class, overrides, pixels",
+    [
+        (LocAtViTForSemanticSegmentation, {}, (40, 24)),  # non-square grid, not the configured one
+        (LocAtViTForImageClassification, {"image_size": 256, "patch_size": 8}, (48, 40)),  # pooled queries
+        (LocAtViTForImageClassification, {"use_gaussian_attention": False}, (32, 32)),  # plain ViT
+    ],
+    ids=["non-square", "pooled", "no-gaussian"],
+)
+@pytest.mark.parametrize("name", BACKENDS)
+def test_model_training_step_equals_eager(name, model_class, overrides, pixels):
+    """A training step of a model whose every layer is forced onto the backend: same loss and parameter gradients
+    as the eager reference; a forward hook on the Gaussian module fires in every layer. In float64, so that the
+    gradients that are zero in exact arithmetic (the key bias's) are zero to rounding."""
+    config = tiny_config(**overrides)
+    torch.manual_seed(0)
+    reference = model_class._from_config(copy.deepcopy(config), attn_implementation="eager").double().train()
+    probe = reference.locatvit.encoder.layers[0].attention
+    inputs = attention_inputs((2, 2), dim=config.head_dim)
+    if name != "eager" and (problem := attention.backend_unavailable(name, inputs[0], inputs[3:], 0.0)):
+        pytest.skip(problem)
+    if not config.use_gaussian_attention and name in ("cpu_fused", "cuda_chunked"):
+        pytest.skip(f"{name} needs the Gaussian bias")
+    model = model_class._from_config(tiny_config(**overrides, attention_backend=name)).double().train()
+    model.load_state_dict(reference.state_dict())
+    calls = []
+    for layer in model.locatvit.encoder.layers:
+        if layer.attention.gaussian_bias is not None:
+            layer.attention.gaussian_bias.register_forward_hook(lambda *args: calls.append(1))
+    x = torch.randn(2, 3, *pixels, dtype=torch.float64)
+    labels = torch.randint(0, 5, (2, *pixels) if model_class is LocAtViTForSemanticSegmentation else (2,))
+    losses = []
+    for each in (model, reference):
+        loss = each(x, labels=labels, interpolate_pos_encoding=True).loss
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[0], losses[1])
+    assert_gradients_close(model, reference)
+    assert len(calls) == (config.num_hidden_layers if probe.gaussian_bias is not None else 0)
+
+
+def test_forced_backend_that_cannot_run_says_why():
+    model = LocAtViTForImageClassification(tiny_config(attention_backend="cuda_chunked"))
+    with pytest.raises(ValueError, match="attention_backend='cuda_chunked'.*CUDA tensors"):
+        model(torch.randn(1, 3, 32, 32))
+    model = LocAtViTForImageClassification(tiny_config(attention_backend="flash"))
+    with pytest.raises(ValueError, match="unknown attention backend 'flash'"):
+        model(torch.randn(1, 3, 32, 32))
+
+
+def test_selection_table():
+    """The automatic choice: eager when asked for, the fused CPU kernel for float32 CPU calls where it is built, sdpa
+    for other dtypes, with attention dropout, without the Gaussian, and under export."""
+    query = torch.randn(1, 2, 5, 8)
+    profiles = (torch.rand(1, 2, 4, 2), torch.rand(1, 2, 4, 2))
+
+    def select(**overrides):
+        arguments = {"implementation": "sdpa", "forced": None, "dropout": 0.0, **overrides}
+        return attention.select_backend(
+            arguments.pop("query", query), arguments.pop("profiles", profiles), **arguments
+        )
+
+    fused = "cpu_fused" if attention.fused_cpu_attention() is not None else "sdpa"
+    assert select() == fused
+    assert select(implementation="eager") == "eager"
+    assert select(query=query.bfloat16()) == "sdpa"
+    assert select(dropout=0.1) == "sdpa"
+    assert select(profiles=None) == "sdpa"
+    assert select(forced="eager") == "eager"
+
+
+def test_compiled_model_keeps_the_fused_operator():
+    """`torch.compile(fullgraph=True)` of a training step traces the fused CPU kernel as operators in its forward
+    and backward graphs (not dropped for another path), with the eager model's loss and gradients."""
+    if attention.fused_cpu_attention() is None:
+        pytest.skip("the fused CPU kernel is not built here")
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = []
+
+    def record(graph_module, example_inputs):
+        graphs.append({str(node.target) for node in graph_module.graph.nodes if node.op == "call_function"})
+        return make_boxed_func(graph_module.forward)
+
+    torch._dynamo.reset()
+    model = LocAtViTForImageClassification(tiny_config()).train()
+    compiled = torch.compile(model, fullgraph=True, backend=aot_autograd(fw_compiler=record, bw_compiler=record))
+    x, labels = torch.randn(2, 3, 32, 32), torch.randint(0, 5, (2,))
+    compiled(x, labels=labels).loss.backward()
+    forward, backward = graphs
+    assert "locatvit.gaussian_attention.default" in forward and "locatvit.gaussian_profiles.default" in forward
+    assert "locatvit.gaussian_attention_backward.default" in backward
+    compiled_grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    model(x, labels=labels).loss.backward()
+    for name, parameter in model.named_parameters():
+        torch.testing.assert_close(compiled_grads[name], parameter.grad, rtol=1e-4, atol=1e-7, msg=name)
