@@ -12,7 +12,7 @@ import torch
 import locatvit_hf.attention_locatvit as attention
 from locatvit_hf import LocAtViTForImageClassification, LocAtViTForSemanticSegmentation
 
-from .conftest import assert_gradients_close, tiny_config
+from .conftest import assert_same_training_step, tiny_config
 
 BACKENDS = sorted(attention.BACKENDS)
 
@@ -106,13 +106,7 @@ def test_model_training_step_equals_eager(name, model_class, overrides, pixels):
             layer.attention.gaussian_bias.register_forward_hook(lambda *args: calls.append(1))
     x = torch.randn(2, 3, *pixels, dtype=torch.float64)
     labels = torch.randint(0, 5, (2, *pixels) if model_class is LocAtViTForSemanticSegmentation else (2,))
-    losses = []
-    for each in (model, reference):
-        loss = each(x, labels=labels, interpolate_pos_encoding=True).loss
-        loss.backward()
-        losses.append(loss.detach())
-    torch.testing.assert_close(losses[0], losses[1])
-    assert_gradients_close(model, reference)
+    assert_same_training_step(model, reference, x, labels)
     assert len(calls) == (config.num_hidden_layers if probe.gaussian_bias is not None else 0)
 
 
