@@ -93,11 +93,10 @@ def test_model_training_step_equals_eager(name, model_class, overrides, pixels):
     torch.manual_seed(0)
     reference = model_class._from_config(copy.deepcopy(config), attn_implementation="eager").double().train()
     probe = reference.locatvit.encoder.layers[0].attention
-    inputs = attention_inputs((2, 2), dim=config.head_dim)
-    if name != "eager" and (problem := attention.backend_unavailable(name, inputs[0], inputs[3:], 0.0)):
+    inputs = attention_inputs((2, 2), torch.float64, dim=config.head_dim)
+    profiles = inputs[3:] if config.use_gaussian_attention else None
+    if name != "eager" and (problem := attention.backend_unavailable(name, inputs[0], profiles, 0.0)):
         pytest.skip(problem)
-    if not config.use_gaussian_attention and name in ("cpu_fused", "cuda_chunked"):
-        pytest.skip(f"{name} needs the Gaussian bias")
     model = model_class._from_config(tiny_config(**overrides, attention_backend=name)).double().train()
     model.load_state_dict(reference.state_dict())
     calls = []

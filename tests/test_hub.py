@@ -37,6 +37,7 @@ MODEL_CODE_FILES = {
     "modeling_locatvit.py",
     "attention_locatvit.py",
     "validation_locatvit.py",
+    "triton_attention_locatvit.py",
     "cpu_attention_locatvit.py",
 }
 MODEL_FILES = {"model.safetensors", "config.json"} | MODEL_CODE_FILES

@@ -12,6 +12,7 @@ arguments and return the output as (batch, N, heads, head_dim) and, for `eager` 
 | `sdpa` | otherwise | the bias written once per layer as `sdpa`'s float mask |
 | `cpu_fused` | CPU, float32, no attention dropout, kernel built | the bias added inside a fused C++ kernel from the profiles |
 | `cuda_chunked` | CUDA training, no attention dropout | the memory-efficient kernel in chunks; the bias recomputed in backward |
+| `cuda_triton` | only when forced (not yet checked on a GPU) | a Triton kernel with the bias evaluated inside it, forward and backward |
 """
 
 import functools
@@ -24,6 +25,9 @@ from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
 from .cpu_attention_locatvit import fused_cpu_attention
+from .triton_attention_locatvit import DTYPES as TRITON_DTYPES
+from .triton_attention_locatvit import interpreting as triton_interpreting
+from .triton_attention_locatvit import triton_available, triton_gaussian_attention
 
 NUM_PREFIX_TOKENS = 1  # the CLS token, which gets no Gaussian bias
 
@@ -201,11 +205,32 @@ def cuda_chunked_attention(query, key, value, profiles, *, scale: float, dropout
     return output.transpose(1, 2), None
 
 
+@register_backend("cuda_triton")
+def cuda_triton_attention(
+    query, key, value, profiles, *, scale: float, dropout: float, num_prefix: int, workspace=None
+):
+    """The Triton kernel (`triton_attention_locatvit`): FlashAttention-2 style, the bias evaluated from the profiles
+    inside each block of scores, nothing N x N in memory; inference and training. Selectable by name until it has
+    been checked on a GPU (benchmarks/check_accelerator.py and benchmarks/bench_triton.py)."""
+    return triton_gaussian_attention(query, key, value, *profiles, scale, num_prefix), None
+
+
+def triton_unavailable(query: torch.Tensor) -> str | None:
+    """Why the Triton kernel cannot run `query` (None if it can)."""
+    if not triton_available():
+        return "the 'cuda_triton' backend needs Triton and a CUDA device (or TRITON_INTERPRET=1 for CPU tensors)"
+    if query.device.type not in ("cuda", "cpu") or query.dtype not in TRITON_DTYPES or query.shape[-1] > 128:
+        return f"the 'cuda_triton' backend runs float32/bfloat16/float16 with head sizes up to 128, not {query.dtype}"
+    if query.device.type == "cpu" and not torch.cuda.is_available() and not triton_interpreting():
+        return "the 'cuda_triton' backend runs CPU tensors only under Triton's interpreter (TRITON_INTERPRET=1)"
+    return None
+
+
 def backend_unavailable(name: str, query: torch.Tensor, profiles, dropout: float) -> str | None:
     """Why backend `name` cannot run this call (None if it can)."""
     if name not in BACKENDS:
         return f"unknown attention backend {name!r}: choose one of {sorted(BACKENDS)} or None (automatic)"
-    if name in ("cpu_fused", "cuda_chunked") and (profiles is None or dropout > 0):
+    if name in ("cpu_fused", "cuda_chunked", "cuda_triton") and (profiles is None or dropout > 0):
         return f"the {name!r} backend needs the Gaussian bias (`use_gaussian_attention=True`) and no attention dropout"
     if name == "cpu_fused" and (query.device.type != "cpu" or query.dtype not in (torch.float32, torch.float64)):
         return f"the 'cpu_fused' backend runs float32 or float64 CPU tensors, not {query.dtype} on {query.device}"
@@ -213,6 +238,8 @@ def backend_unavailable(name: str, query: torch.Tensor, profiles, dropout: float
         return "the 'cpu_fused' kernel is not built here (x86 with AVX2/AVX-512, a C++ compiler and ninja)"
     if name == "cuda_chunked" and (query.device.type != "cuda" or query.shape[-1] % 8):
         return "the 'cuda_chunked' backend runs CUDA tensors with a head size that is a multiple of 8"
+    if name == "cuda_triton":
+        return triton_unavailable(query)
     return None
 
 

@@ -1,0 +1,217 @@
+"""The Triton kernel (`triton_attention_locatvit`) against the float64 eager reference, run by Triton's interpreter on
+CPU tensors: the output and the gradients of query, key, value and both profiles, for every way its key blocks can
+cover a grid (several rows per block, one row with unused lanes, row segments), with and without the CLS token, and
+partial blocks. Float32 is checked tightly; bfloat16 and float16 within twice the eager reference's own error in that
+dtype. Its custom operators pass `torch.library.opcheck`, and the module imports and explains itself without Triton.
+
+Small blocks (`FORCED_BLOCKS`) make tiny grids span several blocks; the interpreter runs each program in Python."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are first wrapped: before any call below
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton", reason="the Triton kernel's tests need the `triton` package")
+
+import locatvit_hf.triton_attention_locatvit as triton_attention  # noqa: E402
+from locatvit_hf.attention_locatvit import eager_attention, full_bias  # noqa: E402
+
+MODULE_PATH = Path(triton_attention.__file__)
+
+
+@pytest.fixture(autouse=True)
+def _interpreter_or_cuda():
+    if not triton_attention.triton_available():
+        pytest.fail("TRITON_INTERPRET was set to something other than 1 before this module set it, and no GPU")
+
+
+@pytest.fixture
+def blocks(monkeypatch):
+    """Sets the kernels' (query, key) block sizes for one test."""
+
+    def force(sizes):
+        monkeypatch.setattr(triton_attention, "FORCED_BLOCKS", sizes)
+
+    return force
+
+
+def attention_inputs(batch, heads, grid, dim, num_prefix, dtype, seed=0):
+    """Query, key and value as the model passes them ((batch, heads, N, D) views of token-major projections), and
+    row and column profiles of `grid` (positive rows, signed columns: any bias sign)."""
+    generator = torch.Generator().manual_seed(seed)
+    height, width = grid
+    seq_len = num_prefix + height * width
+    projections = [torch.randn(batch, seq_len, heads, dim, generator=generator) for _ in range(3)]
+    row = torch.rand(batch, heads, height * width, height, generator=generator) * 3
+    col = torch.randn(batch, heads, height * width, width, generator=generator)
+    tensors = [t.to(dtype).transpose(1, 2) for t in projections] + [row, col]
+    return [t.detach().requires_grad_() for t in tensors]
+
+
+def output_and_grads(attention, inputs, grad_output):
+    """(output (batch, N, heads, D), gradients of the five inputs) of `attention(query, key, value, row, col)`."""
+    output = attention(*inputs)
+    grads = torch.autograd.grad(output, inputs, grad_output.to(output.dtype))
+    return [output, *grads]
+
+
+def run_all(inputs, scale, num_prefix):
+    """Kernel, eager in the inputs' dtype, and eager in float64: each as output and gradients, and the gradient of
+    the output used."""
+
+    def kernel(q, k, v, row, col):
+        return triton_attention.triton_gaussian_attention(q, k, v, row, col, scale, num_prefix)
+
+    def eager(q, k, v, row, col):
+        return eager_attention(q, k, v, (row, col), scale=scale, dropout=0.0, num_prefix=num_prefix)[0]
+
+    batch, heads, seq_len, dim = inputs[0].shape
+    grad_output = torch.randn(batch, seq_len, heads, dim, generator=torch.Generator().manual_seed(1))
+    reference_inputs = [t.detach().double().requires_grad_() for t in inputs]
+    return (
+        output_and_grads(kernel, inputs, grad_output),
+        output_and_grads(eager, inputs, grad_output),
+        output_and_grads(eager, reference_inputs, grad_output),
+    )
+
+
+NAMES = ("output", "grad query", "grad key", "grad value", "grad row", "grad col")
+
+# (batch, heads, grid, head size, prefix tokens, (queries, keys) per block, None: `_config`'s, as on a GPU), named by
+# what each case covers
+FLOAT32_CASES = [
+    pytest.param(2, 2, (4, 4), 16, 1, None, id="default-blocks-one-partial-block"),
+    pytest.param(1, 2, (3, 5), 16, 1, (16, 16), id="3-rows-per-block-full-query-block"),
+    pytest.param(1, 1, (5, 6), 64, 1, (16, 16), id="2-rows-per-block-partial-row-group-D64"),
+    pytest.param(1, 1, (3, 10), 16, 0, (16, 16), id="1-row-per-block-unused-lanes-no-prefix"),
+    pytest.param(1, 1, (2, 20), 16, 1, (16, 16), id="row-segments"),
+    pytest.param(1, 2, (1, 6), 16, 0, (16, 16), id="one-grid-row"),
+    pytest.param(1, 1, (6, 1), 16, 1, (16, 16), id="one-grid-column"),
+    pytest.param(2, 1, (5, 2), 64, 1, None, id="default-blocks-D64"),
+    pytest.param(1, 1, (7, 3), 16, 1, (32, 16), id="5-rows-per-block-more-queries-than-keys-per-block"),
+    pytest.param(1, 1, (4, 9), 16, 0, (16, 32), id="3-rows-per-block-more-keys-than-queries-per-block"),
+]
+
+
+@pytest.mark.parametrize("batch, heads, grid, dim, num_prefix, sizes", FLOAT32_CASES)
+def test_float32_matches_float64_reference(blocks, batch, heads, grid, dim, num_prefix, sizes):
+    blocks(sizes)
+    inputs = attention_inputs(batch, heads, grid, dim, num_prefix, torch.float32)
+    kernel, _, reference = run_all(inputs, dim**-0.5, num_prefix)
+    for name, actual, expected in zip(NAMES, kernel, reference):
+        assert actual.shape == expected.shape, name
+        torch.testing.assert_close(
+            actual.double(), expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item(), msg=name
+        )
+
+
+@pytest.mark.parametrize(
+    "dtype, batch, heads, grid, dim, num_prefix",
+    [
+        pytest.param(torch.bfloat16, 2, 2, (3, 5), 16, 1, id="bfloat16-rows"),
+        pytest.param(torch.bfloat16, 1, 1, (2, 20), 64, 0, id="bfloat16-segments-D64"),
+        pytest.param(torch.float16, 1, 1, (5, 6), 24, 1, id="float16-D24"),
+    ],
+)
+def test_low_precision_within_eager_error(blocks, dtype, batch, heads, grid, dim, num_prefix):
+    """The kernel rounds its inputs and its probabilities (to multiply them with V) like eager attention in that
+    dtype, and keeps scores, softmax and accumulators in float32: its error is at most twice eager's, plus a floor of
+    a tenth of the dtype's resolution of the values."""
+    blocks((16, 16))
+    inputs = attention_inputs(batch, heads, grid, dim, num_prefix, dtype)
+    kernel, eager, reference = run_all(inputs, dim**-0.5, num_prefix)
+    resolution = torch.finfo(dtype).eps
+    for name, actual, low, expected in zip(NAMES, kernel, eager, reference):
+        assert actual.dtype == expected_dtype(name, dtype), name
+        error = (actual.double() - expected).abs().max().item()
+        eager_error = (low.double() - expected).abs().max().item()
+        floor = 0.1 * resolution * expected.abs().max().item()
+        assert error <= 2 * eager_error + floor, f"{name}: {error:.3g} vs eager {eager_error:.3g}"
+
+
+def expected_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if name in ("grad row", "grad col") else dtype
+
+
+def test_operators_pass_opcheck(blocks):
+    """Schema, fake implementations (the output token-major, the gradients (batch, heads, N, D) views of token-major
+    tensors), autograd registration and AOT dispatch with dynamic shapes, for both operators."""
+    blocks((16, 16))
+    query, key, value, row, col = attention_inputs(1, 2, (3, 5), 16, 1, torch.float32)
+    operators = torch.ops.locatvit
+    torch.library.opcheck(operators.triton_gaussian_attention.default, (query, key, value, row, col, 0.25, 1))
+    with torch.no_grad():
+        output, logsumexp, residual = operators.triton_gaussian_attention(query, key, value, row, col, 0.25, 1)
+    detached = [t.detach() for t in (query, key, value, row, col)]
+    backward_args = (torch.randn_like(output), *detached, output, logsumexp, residual, 0.25, 1)
+    torch.library.opcheck(operators.triton_gaussian_attention_backward.default, backward_args)
+
+
+def test_logsumexp_and_double_backward(blocks):
+    """The operator's second output is the log-sum-exp of each query's biased scores; a gradient of the gradients
+    raises instead of being wrong."""
+    blocks((16, 16))
+    inputs = attention_inputs(1, 1, (3, 5), 16, 1, torch.float32)
+    query, key, value, row, col = inputs
+    output, logsumexp, _ = torch.ops.locatvit.triton_gaussian_attention(query, key, value, row, col, 0.25, 1)
+    scores = query.double() @ key.double().transpose(-1, -2) * 0.25
+    biased = scores + full_bias(row.double(), col.double(), 1)
+    torch.testing.assert_close(logsumexp.double(), biased.logsumexp(-1), rtol=1e-5, atol=1e-5)
+    (grad_query,) = torch.autograd.grad(output.square().sum(), query, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        grad_query.sum().backward()
+
+
+def test_gradient_of_a_sum(blocks):
+    """The gradient of `output.sum()` reaches the backward as an expanded tensor (all strides 0), read in place."""
+    blocks((16, 16))
+    inputs = attention_inputs(1, 2, (3, 5), 16, 1, torch.float32)
+    reference_inputs = [t.detach().double().requires_grad_() for t in inputs]
+    triton_attention.triton_gaussian_attention(*inputs, 0.25, 1).sum().backward()
+    query, key, value, row, col = reference_inputs
+    reference, _ = eager_attention(query, key, value, (row, col), scale=0.25, dropout=0.0, num_prefix=1)
+    reference.sum().backward()
+    for name, actual, expected in zip(NAMES[1:], inputs, reference_inputs):
+        torch.testing.assert_close(actual.grad.double(), expected.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_bad_inputs_raise_clear_errors():
+    query, key, value, row, col = attention_inputs(1, 1, (3, 5), 16, 1, torch.float32)
+    with pytest.raises(ValueError, match="H \\* W = P = N - num_prefix"):
+        triton_attention.triton_gaussian_attention(query, key, value, row[:, :, 1:], col[:, :, 1:], 0.25, 1)
+    with pytest.raises(ValueError, match="share one dtype"):
+        triton_attention.triton_gaussian_attention(query, key.double(), value, row, col, 0.25, 1)
+
+
+def test_module_imports_without_triton_and_explains_cpu_tensors():
+    """Copied alone (as Hugging Face remote code) where Triton is absent, the module imports and says the kernel is
+    unavailable; with Triton but without its interpreter, CPU tensors get an explanation instead of a crash."""
+    script = f"""
+import importlib.util, sys
+sys.modules["triton"] = None  # `import triton` raises ImportError
+spec = importlib.util.spec_from_file_location("remote_copy", {str(MODULE_PATH)!r})
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+import torch
+assert not module.triton_available()
+tensors = [torch.zeros(1, 1, 5, 16)] * 3 + [torch.zeros(1, 1, 4, 2)] * 2
+for expected in ("needs the `triton` package", "set TRITON_INTERPRET=1"):
+    try:
+        module.triton_gaussian_attention(*tensors, 0.25, 1)
+    except RuntimeError as error:
+        assert expected in str(error), error
+    else:
+        raise AssertionError("no error")
+    del sys.modules["triton"]  # Triton importable again, the interpreter off
+    module._triton_importable.cache_clear()
+print("ok")
+"""
+    environment = {**os.environ, "TRITON_INTERPRET": "0"}
+    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=environment)
+    assert completed.returncode == 0 and completed.stdout.strip() == "ok", completed.stderr[-3000:]
