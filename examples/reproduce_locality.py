@@ -9,10 +9,11 @@ and the same number of steps:
     prr        use_gaussian_attention=False, use_patch_refinement=True
     locatvit   use_gaussian_attention=True,  use_patch_refinement=True    (LocAtViT)
 
-For every (variant, seed):
+By default ViT against LocAtViT over 8 seeds (`--variants`, `--seeds`). For every (variant, seed):
 
 1. pre-training for image classification from scratch with `examples/run_image_classification.py` (the Trainer
-   script, `LocAtViTTrainer`, one-cycle schedule);
+   script, `LocAtViTTrainer`, one-cycle schedule), from an `initial_checkpoint` that gives every variant of a seed
+   the same network (GAug's maps aside) and thus makes the comparison per seed paired;
 2. a linear probe with `examples/run_semantic_segmentation.py --model_name_or_path <probe_start>`: the backbone
    frozen and in eval mode, the paper's linear head (docs/method.md#features-and-head) on the last block's patch
    tokens, mIoU on held-out scenes (`SegmentationTrainer`, `SegmentationMetrics`). `probe_start` is the pre-trained
@@ -42,19 +43,23 @@ content (texture x palette of the object under it, or background), read by a per
 at the neighbours. Colour alone or texture alone does not name a class. A backbone whose patch tokens drift towards
 global image content during classification training, as the paper argues for a plain ViT, probes worse.
 
-    python examples/reproduce_locality.py                      # the full default run (< 30 min on 2 CPU cores)
+    python examples/reproduce_locality.py                      # the default run (about 50 min on 2 CPU cores)
     python examples/reproduce_locality.py --seeds 0 --variants vit locatvit --pretrain_steps 100 --probe_steps 50
 
 Outputs in `--output_dir` (default `runs/reproduce_locality`):
-`runs/<variant>/seed<k>/{pretrain,probe_start,probe}/` (the scripts' output folders, with the models and
+`runs/<variant>/seed<k>/{init,pretrain,probe_start,probe}/` (the scripts' output folders, with the models and
 `all_results.json`; a finished run is reused when the script is started again with the same settings, an unfinished
 one resumes from its last checkpoint), `results.json`, `results.md` (the table), `results.png` (bar chart) and,
-unless `--no_figures`, `figures/*.png` made with `locatvit_hf.visualization` from the first LocAtViT run.
+unless `--no_figures`, `figures/*.png` made with `locatvit_hf.visualization` from the first LocAtViT run. The table
+gives, per variant, the paired difference to the plain ViT with its 95 % interval over seeds, and the Gaussians'
+statistics before and after pre-training; it states the versions of torch, transformers and accelerate and the
+project's commit, and a run is reused only under the same ones (`provenance`).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import os
@@ -102,8 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add = parser.add_argument
     add("--output_dir", default="runs/reproduce_locality", help="Where the data, runs and results go.")
-    add("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), help="Variants to train.")
-    add("--seeds", nargs="+", type=int, default=[0, 1, 2], help="Training seeds (initialization, order, crops).")
+    add("--variants", nargs="+", default=["vit", "locatvit"], choices=list(VARIANTS), help="Variants to train.")
+    add("--seeds", nargs="+", type=int, default=list(range(8)), help="Training seeds (initialization, order, crops).")
     # data
     add("--train_images", type=int, default=4096, help="Training scenes (used by both phases).")
     add("--eval_images", type=int, default=1024, help="Held-out scenes (top-1 and mIoU are measured on them).")
@@ -117,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--mlp_ratio", type=int, default=4)
     add("--decoder_hidden_size", type=int, default=512, help="Width of the linear probe's head (the paper's: 512).")
     # pre-training (classification)
-    add("--pretrain_steps", type=int, default=600)
+    add("--pretrain_steps", type=int, default=1500)
     add("--pretrain_lr", type=float, default=1e-3)
     add("--pretrain_batch_size", type=int, default=32)
     add("--pretrain_warmup", type=float, default=0.1, help="Warm-up, as a fraction of the steps.")
@@ -242,11 +247,62 @@ def prepare_data(args: argparse.Namespace, root: Path) -> dict[str, Path]:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def pretrain_args(args: argparse.Namespace, variant: str, seed: int, data: dict, output_dir: Path) -> list[str]:
-    """Command line of `run_image_classification.py`: from scratch, no augmentation that could change the label."""
+@functools.cache
+def provenance() -> dict:
+    """What the numbers depend on besides the settings: the versions of torch, transformers and accelerate and the
+    project's commit (`dirty` when src/ or examples/ differ from it). A finished run is reused only under the same
+    provenance, and one table never mixes two (`common_provenance`)."""
+    import accelerate
+    import torch
+    import transformers
+
+    import locatvit_hf
+
+    repository = Path(locatvit_hf.__file__).resolve().parents[2]
+
+    def git(*command: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(repository), *command], capture_output=True, text=True)
+        except OSError:
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "accelerate": accelerate.__version__,
+        "python": platform.python_version(),
+        "commit": commit or "unknown",
+        "dirty": bool(git("status", "--porcelain", "--", "src", "examples")) if commit else None,
+    }
+
+
+def common_provenance(results: list[dict]) -> dict:
+    """The one provenance of `results`; a ValueError when they come from different versions or commits."""
+    found = {json.dumps(r["provenance"], sort_keys=True) for r in results}
+    if len(found) != 1:
+        raise ValueError(
+            f"The runs come from {len(found)} different sets of versions ({'; '.join(sorted(found))}); results "
+            "of different versions are not comparable. Start the script again with --force to retrain every run."
+        )
+    return results[0]["provenance"]
+
+
+def provenance_line(stamp: dict) -> str:
+    commit = stamp["commit"][:12] + (" with local changes" if stamp["dirty"] else "")
+    return (
+        f"torch {stamp['torch']}, transformers {stamp['transformers']}, accelerate {stamp['accelerate']}, "
+        f"Python {stamp['python']}, locatvit-hf commit {commit}"
+    )
+
+
+def pretrain_args(args: argparse.Namespace, seed: int, data: dict, initial: Path, output_dir: Path) -> list[str]:
+    """Command line of `run_image_classification.py`: from the `initial_checkpoint`, no augmentation that could change
+    the label."""
     checkpoints = max(args.pretrain_steps // 4, 1)
     return [
-        "--model_name_or_path", "tiny", "--config_overrides", model_overrides(args, variant),
+        "--model_name_or_path", str(initial),
         "--train_dir", str(data["classification"] / "train"),
         "--validation_dir", str(data["classification"] / "validation"),
         "--cache_dir", str(data["cache"]),
@@ -336,14 +392,19 @@ def run_script(phase: str, argv: list[str], log_path: Path, threads: int, in_pro
 def run_phase(phase: str, argv: list[str], output_dir: Path, identity: dict, args: argparse.Namespace) -> dict:
     """One script run, reused when it finished with the same `identity` (command line, data, and for a probe the
     pre-training it starts from); resumed by the script from its last checkpoint when it was interrupted; started
-    afresh when anything changed. Returns its `all_results.json` plus the wall time of the run."""
+    afresh when anything changed, the `provenance` included. Returns its `all_results.json` plus the wall time and the
+    provenance of the run."""
     stamp = output_dir / "reproduce_run.json"
     results_path = output_dir / "all_results.json"
-    record = {"identity": identity, "argv": argv}
+    record = {"identity": identity, "argv": argv, "provenance": provenance()}
     previous = json.loads(stamp.read_text()) if stamp.is_file() else None
     same = previous is not None and {k: previous.get(k) for k in record} == record and not args.force
     if same and results_path.is_file():
-        return {**json.loads(results_path.read_text()), "wall_seconds": previous.get("wall_seconds", 0.0)}
+        return {
+            **json.loads(results_path.read_text()),
+            "wall_seconds": previous.get("wall_seconds", 0.0),
+            "provenance": previous["provenance"],
+        }
     if output_dir.exists() and not same:
         shutil.rmtree(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -354,7 +415,11 @@ def run_phase(phase: str, argv: list[str], output_dir: Path, identity: dict, arg
     stamp.write_text(json.dumps(record, indent=2))
     for checkpoint in output_dir.glob("checkpoint-*"):  # only needed to resume an unfinished run
         shutil.rmtree(checkpoint)
-    return {**json.loads(results_path.read_text()), "wall_seconds": record["wall_seconds"]}
+    return {
+        **json.loads(results_path.read_text()),
+        "wall_seconds": record["wall_seconds"],
+        "provenance": record["provenance"],
+    }
 
 
 # The runs' threads share the parent's global torch generator: model construction holds this lock.
@@ -403,12 +468,83 @@ def probe_start(pretrained: Path, names: list[str], seed: int, directory: Path) 
     return directory
 
 
+def initial_checkpoint(args: argparse.Namespace, variant: str, seed: int, directory: Path) -> Path:
+    """Where the pre-training of (variant, seed) starts: a `LocAtViTForImageClassification` for the image classes.
+
+    Every parameter the variant shares with the plain ViT is the plain ViT's of the same seed (drawn first, under
+    `torch.manual_seed(seed)`); the variant's own parameters, GAug's variance and strength maps, are drawn after them.
+    So the variants of one seed start from the same network, see the same batches, and differ only by the switches:
+    the comparison per seed is paired. The random-init reference probes exactly the plain ViT's start."""
+    import torch
+
+    from locatvit_hf import LocAtViTConfig, LocAtViTForImageClassification
+    from locatvit_hf.training import parse_config_overrides
+
+    image_classes = sorted(name.replace(" ", "_") for name in class_names()[1:])  # imagefolder's label order
+    labels = {"id2label": dict(enumerate(image_classes)), "label2id": {n: i for i, n in enumerate(image_classes)}}
+
+    def config(name: str) -> LocAtViTConfig:
+        return LocAtViTConfig(**parse_config_overrides(model_overrides(args, name)), **labels)
+
+    with _TORCH_RNG:  # the runs' threads share the global generator
+        torch.manual_seed(seed)
+        plain = LocAtViTForImageClassification(config("vit"))
+        model = LocAtViTForImageClassification(config(variant))
+    shared, own = plain.state_dict(), model.state_dict()
+    if not set(shared) <= set(own):
+        raise RuntimeError(f"{variant} lacks parameters of the plain ViT: {sorted(set(shared) - set(own))}")
+    model.load_state_dict({key: shared.get(key, value) for key, value in own.items()}, strict=True)
+    if directory.exists():
+        shutil.rmtree(directory)
+    model.save_pretrained(directory)
+    return directory
+
+
+def held_out_pixels(data: dict, count: int):
+    """The first `count` held-out scenes as normalized pixel values (count, 3, H, W), and the pictures themselves."""
+    import torch
+    from PIL import Image
+
+    files = sorted((data["ade"] / "images" / "validation").glob("*.png"))[:count]
+    images = [np.array(Image.open(path).convert("RGB")) for path in files]
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    pixel_values = (torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255 - mean) / std
+    return pixel_values, images, files
+
+
+def gaussian_summary(checkpoint: Path, data: dict, count: int = 64) -> list[dict]:
+    """Per layer, over every patch query and head of `count` held-out scenes: the mean variance along rows and along
+    columns (patches²), the mean strength alpha, and the spread of the variances across queries (standard deviation
+    of their natural log), which shows whether the Gaussians became query-dependent."""
+    import torch
+
+    from locatvit_hf import LocAtViTForImageClassification
+    from locatvit_hf.visualization import gaussian_statistics
+
+    model = LocAtViTForImageClassification.from_pretrained(checkpoint).eval()
+    with torch.no_grad():
+        statistics = gaussian_statistics(model, held_out_pixels(data, count)[0])
+    return [
+        {
+            "layer": layer,
+            "variance_row": float(values["variance_row"].mean()),
+            "variance_col": float(values["variance_col"].mean()),
+            "strength": float(values["strength"].mean()),
+            "log_variance_std": float(np.log(np.stack((values["variance_row"], values["variance_col"]))).std()),
+        }
+        for layer, values in statistics.items()
+    ]
+
+
 def run_one(args: argparse.Namespace, variant: str, seed: int, data: dict, runs_dir: Path) -> dict:
-    """Pre-train, then probe, one (variant, seed)."""
+    """Pre-train, then probe, one (variant, seed); with GAug, the Gaussians' statistics before and after
+    pre-training."""
     base = runs_dir / variant / f"seed{seed}"
+    initial = initial_checkpoint(args, variant, seed, base / "init")
     pretrained = base / "pretrain"
-    pre_argv = pretrain_args(args, variant, seed, data, pretrained)
-    pre_identity = {"data": data_manifest(args)}
+    pre_argv = pretrain_args(args, seed, data, initial, pretrained)
+    pre_identity = {"data": data_manifest(args), "init_digest": file_digest(initial)}
     pre = run_phase("pretrain", pre_argv, pretrained, pre_identity, args)
     start = probe_start(pretrained, json.loads(data["class_names"].read_text()), seed, base / "probe_start")
     probe_dir = base / "probe"
@@ -424,6 +560,10 @@ def run_one(args: argparse.Namespace, variant: str, seed: int, data: dict, runs_
         "pretrain_seconds": pre["wall_seconds"],
         **probe_result(probe),
     }
+    if pre["provenance"] != result["provenance"]:
+        raise RuntimeError(f"{variant} seed {seed}: the probe ran under other versions than its pre-training.")
+    if VARIANTS[variant]["use_gaussian_attention"]:
+        result["gaussians"] = {"start": gaussian_summary(initial, data), "end": gaussian_summary(pretrained, data)}
     print(
         f"[{variant} seed {seed}] top-1 {100 * result['top1']:.1f} %  mIoU {100 * result['mean_iou']:.1f} %  "
         f"({result['pretrain_seconds']:.0f} s + {result['probe_seconds']:.0f} s)",
@@ -442,29 +582,18 @@ def probe_result(probe: dict) -> dict:
         "probe_steps": probe.get("train_global_step"),
         "class_iou": {k[len("eval_iou_") :]: v for k, v in probe.items() if k.startswith("eval_iou_")},
         "probe_seconds": probe["wall_seconds"],
+        "provenance": probe["provenance"],
     }
 
 
 def run_random_init(args: argparse.Namespace, seed: int, data: dict, runs_dir: Path) -> dict:
-    """The reference probe: the plain ViT at its random initialization (seeded with `seed`), frozen and probed
-    exactly as the pre-trained backbones."""
-    import torch
-
-    from locatvit_hf import LocAtViTConfig, LocAtViTForImageClassification
-    from locatvit_hf.training import parse_config_overrides
-
+    """The reference probe: the plain ViT at its random initialization (the very weights its pre-training of `seed`
+    starts from), frozen and probed exactly as the pre-trained backbones."""
     base = runs_dir / RANDOM_INIT / f"seed{seed}"
-    initial = base / "init"
-    overrides = parse_config_overrides(model_overrides(args, "vit"))
-    with _TORCH_RNG:
-        torch.manual_seed(seed)
-        model = LocAtViTForImageClassification(LocAtViTConfig(**overrides, num_labels=len(class_names()) - 1))
-    if initial.exists():
-        shutil.rmtree(initial)
-    model.save_pretrained(initial)
+    initial = initial_checkpoint(args, "vit", seed, base / "init")
     start = probe_start(initial, class_names(), seed, base / "probe_start")
     probe_dir = base / "probe"
-    identity = {"data": data_manifest(args), "random_init": overrides, "start_digest": file_digest(start)}
+    identity = {"data": data_manifest(args), "random_init": file_digest(initial), "start_digest": file_digest(start)}
     probe = run_phase("probe", probe_args(args, seed, data, start, probe_dir), probe_dir, identity, args)
     result = {
         "variant": RANDOM_INIT,
@@ -509,14 +638,52 @@ def summarize(results: list[dict]) -> dict:
             for metric in ("top1", "mean_iou"):
                 if metric in entry:
                     deltas = [r[metric] - baseline[r["seed"]][metric] for r in paired]
-                    entry[f"delta_{metric}"] = dict(zip(("mean", "std"), mean_std(deltas)))
+                    entry[f"delta_{metric}"] = paired_difference(deltas, [r["seed"] for r in paired])
+        if any("gaussians" in r for r in runs):
+            entry["gaussians"] = {
+                phase: mean_gaussians([r["gaussians"][phase] for r in runs if "gaussians" in r])
+                for phase in ("start", "end")
+            }
         summary[variant] = entry
     return summary
+
+
+def paired_difference(deltas: list[float], seeds: list[int]) -> dict:
+    """Differences to the plain ViT of the same seed: per seed, their mean and sample std, the 95 % confidence
+    interval of the mean (Student's t with n - 1 degrees of freedom; none for one seed), and how many seeds favour
+    each side."""
+    from scipy import stats
+
+    values = np.asarray(deltas, dtype=np.float64)
+    mean, std = mean_std(values)
+    entry = {"per_seed": dict(zip(map(str, seeds), values.tolist())), "mean": mean, "std": std}
+    entry.update(better=int((values > 0).sum()), worse=int((values < 0).sum()))
+    if len(values) > 1:
+        half_width = float(stats.t.ppf(0.975, len(values) - 1)) * std / np.sqrt(len(values))
+        entry["ci95"] = [mean - half_width, mean + half_width]
+    return entry
+
+
+def mean_gaussians(per_seed: list[list[dict]]) -> list[dict]:
+    """`gaussian_summary` of several seeds, averaged over the seeds layer by layer."""
+    return [
+        {"layer": layers[0]["layer"], **{k: float(np.mean([x[k] for x in layers])) for k in layers[0] if k != "layer"}}
+        for layers in zip(*per_seed)
+    ]
 
 
 def percent(stat: dict, signed: bool = False) -> str:
     sign = "+" if signed else ""
     return f"{100 * stat['mean']:{sign}.1f} ± {100 * stat['std']:.1f}"
+
+
+def interval(stat: dict) -> str:
+    """A paired difference in points: mean, 95 % interval, and seeds better / worse."""
+    text = f"{100 * stat['mean']:+.1f}"
+    if "ci95" in stat:
+        low, high = stat["ci95"]
+        text += f" [{100 * low:+.1f}, {100 * high:+.1f}]"
+    return f"{text} ({stat['better']}/{stat['worse']})"
 
 
 def markdown_table(summary: dict, results: list[dict]) -> str:
@@ -531,9 +698,14 @@ def markdown_table(summary: dict, results: list[dict]) -> str:
             "✓" if entry["use_gaussian_attention"] else "–",
             "✓" if entry["use_patch_refinement"] else "–",
             *(percent(entry[k]) if k in entry else "–" for k in ("top1", "mean_iou", "pixel_accuracy")),
-            *(percent(entry[k], True) if k in entry else "–" for k in ("delta_mean_iou", "delta_top1")),
+            *(interval(entry[k]) if k in entry else "–" for k in ("delta_mean_iou", "delta_top1")),
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Mean ± sample std over seeds. Δ: the difference to the plain ViT of the same seed (same initial weights and "
+        "batches), mean over seeds [95 % confidence interval, paired t] (seeds where the variant is higher / lower).",
+    ]
     seeds = sorted({r["seed"] for r in results})
     lines += [
         "",
@@ -549,7 +721,32 @@ def markdown_table(summary: dict, results: list[dict]) -> str:
             top1 = f"{100 * run['top1']:.1f}" if run and "top1" in run else "–"
             cells.append(f"{top1} / {100 * run['mean_iou']:.1f}" if run else "–")
         lines.append(f"| {entry['name']} | " + " | ".join(cells) + " |")
+    for entry in summary.values():
+        if "delta_mean_iou" in entry:
+            per_seed = entry["delta_mean_iou"]["per_seed"]
+            cells = [f"{100 * per_seed[str(s)]:+.1f}" if str(s) in per_seed else "–" for s in seeds]
+            lines.append(f"| Δ mIoU, {entry['name']} − ViT (pts) | " + " | ".join(cells) + " |")
+    for entry in summary.values():
+        if "gaussians" in entry:
+            lines += ["", *gaussian_table(entry)]
     return "\n".join(lines) + "\n"
+
+
+def gaussian_table(entry: dict) -> list[str]:
+    """The Gaussians of one variant before → after pre-training, per layer, mean over seeds."""
+    lines = [
+        f"Gaussians of {entry['name']}, start → end of pre-training (held-out scenes, mean over seeds): variance "
+        "along rows and columns (patches²), strength α, spread of ln(variance) across queries and heads (std):",
+        "",
+        "| layer | variance, rows | variance, columns | strength α | std of ln(variance) |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    start, end = entry["gaussians"]["start"], entry["gaussians"]["end"]
+    for before, after in zip(start, end):
+        cells = [f"{before[k]:.2f} → {after[k]:.2f}" for k in ("variance_row", "variance_col", "strength")]
+        cells.append(f"{before['log_variance_std']:.3f} → {after['log_variance_std']:.3f}")
+        lines.append(f"| {before['layer']} | " + " | ".join(cells) + " |")
+    return lines
 
 
 BAR_COLOURS = {RANDOM_INIT: "#d9d9d9", "vit": "#8c8c8c", "gaug": "#5b9bd5", "prr": "#ed9f4a", "locatvit": "#2e8b57"}
@@ -590,7 +787,6 @@ def bar_chart(summary: dict, results: list[dict], path: Path, title: str):
 
 def make_figures(args: argparse.Namespace, data: dict, runs_dir: Path, figures_dir: Path) -> list[Path]:
     """One PNG per `locatvit_hf.visualization` function, from the first LocAtViT run (or the last variant's)."""
-    import torch
     from PIL import Image
 
     from locatvit_hf import LocAtViTForImageClassification, LocAtViTForSemanticSegmentation
@@ -600,12 +796,8 @@ def make_figures(args: argparse.Namespace, data: dict, runs_dir: Path, figures_d
     base = runs_dir / variant / f"seed{args.seeds[0]}"
     figures_dir.mkdir(parents=True, exist_ok=True)
     names = json.loads(data["class_names"].read_text())
-    validation = sorted((data["ade"] / "images" / "validation").glob("*.png"))[:6]
-    images = [np.array(Image.open(p).convert("RGB")) for p in validation]
+    pixel_values, images, validation = held_out_pixels(data, 6)
     masks = [np.array(Image.open(data["ade"] / "annotations" / "validation" / p.name)) for p in validation]
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    pixel_values = (torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255 - mean) / std
     written = []
     classifier = LocAtViTForImageClassification.from_pretrained(base / "pretrain").eval()
     if classifier.config.use_gaussian_attention:
@@ -673,6 +865,7 @@ def main(argv: list[str] | None = None) -> dict:
             results = [future.result() for future in futures]
     wall = time.perf_counter() - start
 
+    stamp = common_provenance(results)
     summary = summarize(results)
     table = markdown_table(summary, results)
     title = (
@@ -684,11 +877,13 @@ def main(argv: list[str] | None = None) -> dict:
         "command": "python examples/reproduce_locality.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "settings": vars(args),
         "machine": machine_description(args.threads, args.workers),
+        "provenance": stamp,
         "wall_seconds": round(wall, 1),
         "summary": summary,
         "runs": results,
     }
-    (output_dir / "results.md").write_text(f"{title.replace(chr(10), ' ')}\n\n{table}")
+    header = f"{title.replace(chr(10), ' ')}\n\n{provenance_line(stamp)}; {report['machine']}"
+    (output_dir / "results.md").write_text(f"{header}\n\n{table}")
     chart = output_dir / "results.png"
     try:
         bar_chart(summary, results, chart, title)

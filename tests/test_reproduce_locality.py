@@ -44,26 +44,23 @@ def toy_run(reproduce, tmp_path_factory):
     matplotlib = pytest.importorskip("matplotlib")
     matplotlib.use("Agg")
     output_dir = tmp_path_factory.mktemp("reproduce") / "out"
-    argv = ["--output_dir", str(output_dir), "--seeds", "0", "1", "--workers", "0", *TOY]
+    argv = ["--output_dir", str(output_dir), "--seeds", "0", "1", "--variants", *SWITCHES, "--workers", "0", *TOY]
     report = reproduce.main(argv)
     return output_dir, argv, report
 
 
 def test_the_four_variants_differ_only_in_the_two_switches(reproduce):
     args = reproduce.build_parser().parse_args([])
-    assert args.variants == list(SWITCHES) and args.seeds == [0, 1, 2]
+    assert args.variants == ["vit", "locatvit"] and args.seeds == list(range(8))  # 8 paired seeds by default
     overrides = {variant: parse_config_overrides(reproduce.model_overrides(args, variant)) for variant in SWITCHES}
     for variant, (gaug, prr) in SWITCHES.items():
         assert overrides[variant]["use_gaussian_attention"] is gaug
         assert overrides[variant]["use_patch_refinement"] is prr
         shared = {k: v for k, v in overrides[variant].items() if not k.startswith("use_")}
         assert shared == {k: v for k, v in overrides["vit"].items() if not k.startswith("use_")}
-    # The command lines differ in nothing else either (output folders and the switches aside).
     data = {"classification": Path("c"), "ade": Path("a"), "class_names": Path("n"), "cache": Path("h")}
-    lines = {v: reproduce.pretrain_args(args, v, 0, data, Path("out")) for v in SWITCHES}
-    for line in lines.values():
-        index = line.index("--config_overrides") + 1
-        assert line[:index] + line[index + 1 :] == lines["vit"][:index] + lines["vit"][index + 1 :]
+    line = reproduce.pretrain_args(args, 0, data, Path("init"), Path("out"))
+    assert line[line.index("--model_name_or_path") + 1] == "init"  # the variant is in the initial checkpoint
     probe = reproduce.probe_args(args, 0, data, Path("start"), Path("out"))
     assert probe[probe.index("--model_name_or_path") + 1] == "start"
     assert "--full_finetune" not in probe  # frozen backbone: the script's default
@@ -121,6 +118,48 @@ def test_every_run_trained_its_variant_and_probed_a_frozen_backbone(toy_run):
     assert {(r["variant"], r["seed"]) for r in report["runs"]} == expected
 
 
+def test_the_variants_of_a_seed_start_from_the_same_network(toy_run):
+    output_dir, _, _ = toy_run
+    runs = output_dir / "runs"
+    for seed in (0, 1):
+        plain = load_file(runs / "vit" / f"seed{seed}" / "init" / "model.safetensors")
+        for variant, (gaug, _) in SWITCHES.items():
+            initial = load_file(runs / variant / f"seed{seed}" / "init" / "model.safetensors")
+            assert all(torch.equal(plain[key], initial[key]) for key in plain)
+            assert {key for key in initial if key not in plain} == (
+                {key for key in initial if "gaussian_bias" in key} if gaug else set()
+            )
+            assert any("gaussian_bias" in key for key in initial) is gaug
+            stamp = json.loads((runs / variant / f"seed{seed}" / "pretrain" / "reproduce_run.json").read_text())
+            argv = stamp["argv"]
+            assert argv[argv.index("--model_name_or_path") + 1] == str(runs / variant / f"seed{seed}" / "init")
+    first, second = (load_file(runs / "vit" / f"seed{seed}" / "init" / "model.safetensors") for seed in (0, 1))
+    key = "locatvit.encoder.layers.0.attention.q_proj.weight"
+    assert not torch.equal(first[key], second[key])  # seeded by the run seed
+
+
+def test_gaussian_statistics_before_and_after_pretraining(toy_run):
+    output_dir, _, report = toy_run
+    for run in report["runs"]:
+        gaug = run["variant"] in SWITCHES and SWITCHES[run["variant"]][0]
+        assert ("gaussians" in run) is gaug
+        if not gaug:
+            continue
+        start, end = run["gaussians"]["start"], run["gaussians"]["end"]
+        assert [layer["layer"] for layer in start] == [layer["layer"] for layer in end] == [0, 1]
+        for before in start:  # the initialization: variance about one patch², strength about softplus(0) = ln 2
+            assert 0.5 < before["variance_row"] < 2 and 0.5 < before["variance_col"] < 2
+            assert before["strength"] == pytest.approx(np.log(2), abs=0.05)
+            assert before["log_variance_std"] >= 0
+        assert start != end  # three steps of pre-training moved them
+    table = (output_dir / "results.md").read_text()
+    assert "Gaussians of LocAtViT (GAug + PRR), start → end" in table and "Gaussians of ViT + PRR" not in table
+    summary = report["summary"]["locatvit"]["gaussians"]
+    runs = [r for r in report["runs"] if r["variant"] == "locatvit"]
+    expected = np.mean([r["gaussians"]["end"][1]["strength"] for r in runs])
+    assert summary["end"][1]["strength"] == pytest.approx(expected)
+
+
 def test_random_init_reference_probes_the_untrained_plain_vit(toy_run):
     output_dir, _, report = toy_run
     for seed in (0, 1):
@@ -133,10 +172,9 @@ def test_random_init_reference_probes_the_untrained_plain_vit(toy_run):
             load_file(base / "probe" / "model.safetensors"),
         )
         assert all(torch.equal(initial[k], probed[k]) for k in probed if k.startswith("locatvit."))
-    first = load_file(output_dir / "runs" / "vit_random_init" / "seed0" / "init" / "model.safetensors")
-    second = load_file(output_dir / "runs" / "vit_random_init" / "seed1" / "init" / "model.safetensors")
-    key = "locatvit.encoder.layers.0.attention.q_proj.weight"
-    assert not torch.equal(first[key], second[key])  # seeded by the run seed
+        # The very network the plain ViT of this seed starts its pre-training from.
+        plain = output_dir / "runs" / "vit" / f"seed{seed}" / "init" / "model.safetensors"
+        assert (base / "init" / "model.safetensors").read_bytes() == plain.read_bytes()
     entry = report["summary"]["vit_random_init"]
     assert entry["pretrained"] is False and "top1" not in entry and "delta_mean_iou" in entry
 
@@ -181,8 +219,14 @@ def test_results_table_json_and_chart(toy_run, reproduce):
             assert entry["top1"]["mean"] == pytest.approx(np.mean([r["top1"] for r in runs]))
         if variant != "vit":  # differences to the plain ViT, paired by seed
             baseline = {r["seed"]: r["mean_iou"] for r in saved["runs"] if r["variant"] == "vit"}
-            deltas = [r["mean_iou"] - baseline[r["seed"]] for r in runs]
-            assert entry["delta_mean_iou"]["mean"] == pytest.approx(np.mean(deltas))
+            deltas = np.array([r["mean_iou"] - baseline[r["seed"]] for r in runs])
+            delta = entry["delta_mean_iou"]
+            assert delta["mean"] == pytest.approx(deltas.mean())
+            assert delta["per_seed"] == {str(r["seed"]): pytest.approx(d) for r, d in zip(runs, deltas)}
+            assert (delta["better"], delta["worse"]) == (int((deltas > 0).sum()), int((deltas < 0).sum()))
+            # Two seeds: the paired t interval has t(0.975, 1 dof) = 12.706 standard errors on each side.
+            half_width = 12.7062 * deltas.std(ddof=1) / np.sqrt(2)
+            assert delta["ci95"] == pytest.approx([deltas.mean() - half_width, deltas.mean() + half_width], abs=1e-6)
     table = (output_dir / "results.md").read_text()
     random_row = next(line for line in table.splitlines() if line.startswith("| ViT, random init"))
     assert random_row.split(" | ")[3] == "–"  # no top-1: it was not trained
@@ -193,7 +237,16 @@ def test_results_table_json_and_chart(toy_run, reproduce):
             f"{100 * summary[variant]['mean_iou']['mean']:.1f} ± {100 * summary[variant]['mean_iou']['std']:.1f}"
             in row
         )
-    assert "± " in table and "seed 1" in table
+    assert "± " in table and "seed 1" in table and "95 % confidence interval" in table
+    delta = summary["locatvit"]["delta_mean_iou"]
+    low, high = (100 * value for value in delta["ci95"])
+    assert f"{100 * delta['mean']:+.1f} [{low:+.1f}, {high:+.1f}] ({delta['better']}/{delta['worse']})" in table
+    assert next(line for line in table.splitlines() if line.startswith("| Δ mIoU, LocAtViT (GAug + PRR) − ViT"))
+    # Provenance: the versions and the commit of the runs, in the JSON and in the table's header.
+    stamp = saved["provenance"]
+    assert stamp == reproduce.provenance() and stamp["torch"] == torch.__version__
+    assert all(run["provenance"] == stamp for run in saved["runs"])
+    assert f"torch {torch.__version__}" in table and f"commit {stamp['commit'][:12]}" in table
     chart = output_dir / "results.png"
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     figures = sorted(p.name for p in (output_dir / "figures").glob("*.png"))
@@ -231,6 +284,39 @@ def test_a_second_start_reuses_finished_runs(toy_run, reproduce):
     changed_report = reproduce.main(changed)
     assert pretrained.stat().st_mtime_ns == pre_stamp
     assert [(r["variant"], r["probe_steps"]) for r in changed_report["runs"]] == [("vit", 1), ("vit_random_init", 1)]
+
+
+def test_a_rerun_gives_the_same_numbers(toy_run, reproduce, tmp_path):
+    """Determinism: seed 1 of ViT and LocAtViT again, in a new folder, after the other runs of this process."""
+    output_dir, argv, report = toy_run
+    again_dir = tmp_path / "again"
+    rerun = argv[: argv.index("--seeds")] + argv[argv.index("--workers") :]
+    rerun[1] = str(again_dir)
+    again = reproduce.main([*rerun, "--seeds", "1", "--variants", "vit", "locatvit", "--no_figures"])
+    first = {(r["variant"], r["seed"]): r for r in report["runs"]}
+    for run in again["runs"]:
+        recorded = first[(run["variant"], run["seed"])]
+        for key in ("top1", "mean_iou", "pixel_accuracy", "class_iou", "pretrain_loss", "probe_loss", "gaussians"):
+            assert run.get(key) == recorded.get(key), (run["variant"], key)
+        phases = ("pretrain", "probe") if run["variant"] != "vit_random_init" else ("probe",)
+        for phase in phases:
+            path = Path("runs") / run["variant"] / f"seed{run['seed']}" / phase / "model.safetensors"
+            assert (again_dir / path).read_bytes() == (output_dir / path).read_bytes()
+
+
+def test_runs_of_other_versions_are_retrained_not_mixed(toy_run, reproduce, tmp_path):
+    output_dir, argv, _ = toy_run
+    probe = output_dir / "runs" / "vit" / "seed1" / "probe"
+    stamp = json.loads((probe / "reproduce_run.json").read_text())
+    stamp["provenance"] = {**stamp["provenance"], "torch": "1.0.0"}
+    (probe / "reproduce_run.json").write_text(json.dumps(stamp))
+    before = (probe / "model.safetensors").stat().st_mtime_ns
+    report = reproduce.main(argv + ["--no_figures", "--variants", "vit", "--seeds", "1", "--no_random_init_baseline"])
+    assert (probe / "model.safetensors").stat().st_mtime_ns != before  # retrained under the current versions
+    assert report["runs"][0]["provenance"] == reproduce.provenance()
+    older = {**report["runs"][0], "provenance": stamp["provenance"]}
+    with pytest.raises(ValueError, match="different sets of versions.*--force"):
+        reproduce.common_provenance([report["runs"][0], older])
 
 
 def test_command_line_runs_the_scripts_as_subprocesses(tmp_path):
