@@ -8,8 +8,8 @@ go through `interpolate_pos_encoding=True`, as when fine-tuning or segmenting at
 warm-up and the ratio of the medians is reported. Training memory is measured for each model in a fresh subprocess:
 peak RSS sampled during one training step minus the RSS just before it on CPU (`max_memory_allocated` minus the
 allocation before it on CUDA), so it counts activations, gradients and optimizer state, not the libraries; the
-median of five such subprocesses per model is reported (one on CUDA, where it does not vary). `--high-res` adds training
-at 1024 px. LocAtViT's attention backend is chosen automatically (`attention_backend=None`) unless `--backend` forces
+median of five such subprocesses per model is reported (one on CUDA, where it does not vary). `--high-res` adds inference
+at 1024 and 2048 px and training at 1024 px. LocAtViT's attention backend is chosen automatically (`attention_backend=None`) unless `--backend` forces
 one, e.g. `--backend sdpa` for the mask path.
 
 On CPU, glibc returns large freed blocks to the system, and every reuse then pays a page fault per 4 KB: a sizeable,
@@ -52,8 +52,13 @@ MEMORY_CASES = [("tiny", 512, 4, "auto")]
 
 
 def high_res_cases() -> tuple[list, list]:
-    """Training at 1024 px."""
-    return [("train step", "tiny", 1024, 1, "training", "auto")], [("tiny", 1024, 1, "auto")]
+    """Inference at 1024 and 2048 px (16,385 tokens: where keys go in chunks) and training at 1024 px."""
+    cases = [
+        ("forward", "tiny", 1024, 1, "inference", "auto"),
+        ("forward", "tiny", 2048, 1, "inference", "auto"),
+        ("train step", "tiny", 1024, 1, "training", "auto"),
+    ]
+    return cases, [("tiny", 1024, 1, "auto")]
 
 
 def build(kind: str, size: str, gradient_checkpointing: bool = False, attention: str = "auto"):
@@ -238,7 +243,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--json", default="benchmarks/results.json")
     parser.add_argument("--quick", action="store_true", help="tiny cases only, 3 repeats (a smoke run)")
-    parser.add_argument("--high-res", action="store_true", help="add 1024 px training")
+    parser.add_argument("--high-res", action="store_true", help="add 1024/2048 px inference, 1024 px training")
     parser.add_argument("--backend", default="auto", help="LocAtViT's attention backend (default: chosen per call)")
     parser.add_argument("--only", help="measure only the rows whose label matches this regular expression")
     parser.add_argument("--memory-child", choices=["locatvit", "vit"], help=argparse.SUPPRESS)

@@ -123,6 +123,8 @@ def profile_inputs(batch, heads, grid, requires_grad=False):
         (1, 2, 24, (7, 30)),  # a non-square grid, a head size that is not a whole number of vectors
         (1, 2, 16, (30, 7)),  # a narrow grid (vectors of keys span several grid rows) taller than a vector
         (1, 1, 32, (24, 24)),  # 577 tokens: scores in several blocks of queries
+        (1, 1, 8, (64, 65)),  # 4,161 tokens: keys in chunks of grid rows, the last one shorter (online softmax)
+        (1, 1, 8, (300, 14)),  # chunks of a narrow grid (vectors of keys span several grid rows)
     ],
 )
 def test_kernel_equals_sdpa_with_the_written_bias(kernel, batch, heads, dim, grid):
@@ -224,7 +226,14 @@ def written_bias_attention(query, key, value, row, col, scale):
 
 @pytest.mark.parametrize(
     "batch, heads, dim, grid",
-    [(2, 2, 16, (4, 4)), (1, 3, 24, (7, 30)), (1, 2, 16, (30, 7)), (2, 3, 64, (14, 14)), (1, 1, 32, (24, 24))],
+    [
+        (2, 2, 16, (4, 4)),
+        (1, 3, 24, (7, 30)),
+        (1, 2, 16, (30, 7)),
+        (2, 3, 64, (14, 14)),
+        (1, 1, 32, (24, 24)),
+        (1, 1, 8, (64, 65)),  # the forward's keys in chunks: the log-sum-exp the backward starts from
+    ],
 )
 def test_kernel_gradients_equal_autograd_through_the_written_bias(kernel, batch, heads, dim, grid):
     """The backward (probabilities recomputed from the log-sum-exp block by block, bias gradient reduced to the
