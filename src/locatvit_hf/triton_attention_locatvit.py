@@ -132,6 +132,23 @@ def _head_mask(d, D: tl.constexpr, BLOCK_D: tl.constexpr):
     return d < D
 
 
+def _query_block(
+    Q, b, h, sq_b, sq_h, sq_n, sq_d, pid_m, N,
+    D: tl.constexpr, NUM_PREFIX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """Block `pid_m` of queries of one (batch, head): their tokens, which are in the sequence, their patch indices and
+    which are on the grid, the head lanes and their mask, the (query, lane) mask, and the queries themselves."""
+    q_tok = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    q_ok = q_tok < N
+    q_patch = q_tok - NUM_PREFIX
+    q_in_grid = q_ok & (q_tok >= NUM_PREFIX)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = _head_mask(d, D, BLOCK_D)
+    q_mask = q_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + b * sq_b + h * sq_h + q_tok[:, None] * sq_n + d[None, :] * sq_d, mask=q_mask, other=0.0)
+    return q_tok, q_ok, q_patch, q_in_grid, d, d_ok, q_mask, q
+
+
 def _key_block(s, g, lane_row, lane_col, H, W, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
     """Key block (segment s, row group g): the patch index of its lane 0 (lane l is patch start + l: whole rows,
     or a run of one row) and which lanes are keys (grid row g * ROWS + lane_row < H, column s * BLOCK_N + lane_col
@@ -216,16 +233,11 @@ def _forward_kernel(
     b = bh // heads
     h = bh % heads
     P = H * W
-    q_tok = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    q_ok = q_tok < N
-    q_patch = q_tok - NUM_PREFIX
-    q_in_grid = q_ok & (q_tok >= NUM_PREFIX)
-    d = tl.arange(0, BLOCK_D)
-    d_ok = _head_mask(d, D, BLOCK_D)
+    q_tok, q_ok, q_patch, q_in_grid, d, d_ok, q_mask, q = _query_block(
+        Q, b, h, sq_b, sq_h, sq_n, sq_d, pid_m, N, D, NUM_PREFIX, BLOCK_M, BLOCK_D
+    )
     k_ptr = K + b * sk_b + h * sk_h
     v_ptr = V + b * sv_b + h * sv_h
-    q_mask = q_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + b * sq_b + h * sq_h + q_tok[:, None] * sq_n + d[None, :] * sq_d, mask=q_mask, other=0.0)
 
     m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_sum = tl.full((BLOCK_M,), 0.0, tl.float32)
@@ -422,16 +434,11 @@ def _query_grad_kernel(
     b = bh // heads
     h = bh % heads
     P = H * W
-    q_tok = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    q_ok = q_tok < N
-    q_patch = q_tok - NUM_PREFIX
-    q_in_grid = q_ok & (q_tok >= NUM_PREFIX)
-    d = tl.arange(0, BLOCK_D)
-    d_ok = _head_mask(d, D, BLOCK_D)
-    q_mask = q_ok[:, None] & d_ok[None, :]
+    q_tok, q_ok, q_patch, q_in_grid, d, d_ok, q_mask, q = _query_block(
+        Q, b, h, sq_b, sq_h, sq_n, sq_d, pid_m, N, D, NUM_PREFIX, BLOCK_M, BLOCK_D
+    )
     k_ptr = K + b * sk_b + h * sk_h
     v_ptr = V + b * sv_b + h * sv_h
-    q = tl.load(Q + b * sq_b + h * sq_h + q_tok[:, None] * sq_n + d[None, :] * sq_d, mask=q_mask, other=0.0)
     grad_out = tl.load(GO + b * sg_b + h * sg_h + q_tok[:, None] * sg_n + d[None, :] * sg_d, mask=q_mask, other=0.0)
     lse = tl.load(LSE + bh * N + q_tok, mask=q_ok, other=0.0) * _LOG2E
     delta = tl.load(DELTA + bh * N + q_tok, mask=q_ok, other=0.0)
@@ -485,6 +492,7 @@ _HELPERS = (
     "_max",
     "_dot",
     "_head_mask",
+    "_query_block",
     "_key_block",
     "_row_tile",
     "_select_dot",
