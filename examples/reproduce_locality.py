@@ -43,7 +43,7 @@ content (texture x palette of the object under it, or background), read by a per
 at the neighbours. Colour alone or texture alone does not name a class. A backbone whose patch tokens drift towards
 global image content during classification training, as the paper argues for a plain ViT, probes worse.
 
-    python examples/reproduce_locality.py                      # the default run (about 50 min on 2 CPU cores)
+    python examples/reproduce_locality.py                      # the default run (about 45 min on 2 CPU cores)
     python examples/reproduce_locality.py --seeds 0 --variants vit locatvit --pretrain_steps 100 --probe_steps 50
 
 Outputs in `--output_dir` (default `runs/reproduce_locality`):
@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--mlp_ratio", type=int, default=4)
     add("--decoder_hidden_size", type=int, default=512, help="Width of the linear probe's head (the paper's: 512).")
     # pre-training (classification)
-    add("--pretrain_steps", type=int, default=1500)
+    add("--pretrain_steps", type=int, default=1000)
     add("--pretrain_lr", type=float, default=1e-3)
     add("--pretrain_batch_size", type=int, default=32)
     add("--pretrain_warmup", type=float, default=0.1, help="Warm-up, as a fraction of the steps.")
