@@ -12,7 +12,7 @@ and the same number of steps:
 By default ViT against LocAtViT over 8 seeds (`--variants`, `--seeds`). For every (variant, seed):
 
 1. pre-training for image classification from scratch with `examples/run_image_classification.py` (the Trainer
-   script, `LocAtViTTrainer`, one-cycle schedule), from an `initial_checkpoint` that gives every variant of a seed
+   script, one-cycle schedule), from an `initial_checkpoint` that gives every variant of a seed
    the same network (GAug's maps aside) and thus makes the comparison per seed paired;
 2. a linear probe with `examples/run_semantic_segmentation.py --model_name_or_path <probe_start>`: the backbone
    frozen and in eval mode, the paper's linear head (docs/method.md#features-and-head) on the last block's patch
@@ -27,7 +27,7 @@ Both scripts run as subprocesses (`--workers` of them at a time, `--threads` eac
 process through their `main(argv)`. There is no training loop here: this file writes the data, builds the two
 command lines per run, and collects `all_results.json`.
 
-Data (`<output_dir>/data`, written once, deterministically): scenes of `locatvit_hf.training.render_synthetic_scene`,
+Data (`<output_dir>/data`, written once, deterministically): scenes of `synthetic_scenes.render_synthetic_scene`,
 numpy only. A smooth grey-ish gradient background (class 0) with two to four occluding objects (ellipses, rotated
 rectangles, triangles), each of one of eight classes = four textures (stripes, checks, dots, waves; random orientation
 and phase, periods of 6 to 9 px) x two palettes (warm, cool); pixel noise and brightness jitter on top. Each scene has
@@ -168,14 +168,14 @@ def model_overrides(args: argparse.Namespace, variant: str) -> str:
 
 
 def class_names() -> list[str]:
-    from locatvit_hf.training import SYNTHETIC_CLASS_NAMES
+    from synthetic_scenes import SYNTHETIC_CLASS_NAMES
 
     return list(SYNTHETIC_CLASS_NAMES)
 
 
 def data_manifest(args: argparse.Namespace) -> dict:
     return {
-        "generator": "locatvit_hf.training.render_synthetic_scene",
+        "generator": "synthetic_scenes.render_synthetic_scene",
         "train": {"seed": args.data_seed, "images": args.train_images},
         "validation": {"seed": args.data_seed + 1, "images": args.eval_images},
         "image_size": args.image_size,
@@ -187,8 +187,7 @@ def prepare_data(args: argparse.Namespace, root: Path) -> dict[str, Path]:
     """Write the scenes once: ADE20K layout (image + mask) for the probe, hard links in an imagefolder layout (one
     folder per image label) for the pre-training, the class names, and the `datasets` cache of the imagefolder."""
     from PIL import Image
-
-    from locatvit_hf.training import render_synthetic_scene
+    from synthetic_scenes import render_synthetic_scene
 
     paths = {
         "root": root,
@@ -774,7 +773,7 @@ def bar_chart(summary: dict, results: list[dict], path: Path, title: str):
         for position, mean, std in zip(positions, means, stds):
             ax.annotate(f"{mean:.1f}", (position, mean + std), textcoords="offset points", xytext=(0, 3), ha="center")
         high = max(max(v) for v in values.values())
-        ax.set_ylim(0.0, min(100.0, 1.15 * high))  # bars from 0: differences are shown at their true scale
+        ax.set_ylim(0.0, min(100.0, 1.15 * high) or 1.0)  # bars from 0: differences are shown at their true scale
         ax.set_xticks(positions, [BAR_LABELS[v] for v in variants], fontsize=8)
         ax.set_ylabel(ylabel)
         ax.grid(axis="y", alpha=0.3)

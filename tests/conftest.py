@@ -1,3 +1,5 @@
+import hashlib
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,10 @@ PARITY_DIR = SHARED / "parity"  # the full-size parity set, beside the repositor
 SMALL_PARITY_DIR = Path(__file__).resolve().parent / "fixtures" / "parity-small"
 SAMPLES_DIR = SHARED / "samples"
 ALL_CLASSES = [LocAtViTModel, LocAtViTForImageClassification, LocAtViTForSemanticSegmentation, LocAtViTBackbone]
+# The example scripts import their data generator (`synthetic_scenes`) from beside them, as `python examples/x.py` does.
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+if str(EXAMPLES) not in sys.path:
+    sys.path.insert(0, str(EXAMPLES))
 
 
 def tiny_config(**overrides) -> LocAtViTConfig:
@@ -35,6 +41,16 @@ def tiny_config(**overrides) -> LocAtViTConfig:
     )
     kwargs.update(overrides)
     return LocAtViTConfig(**kwargs)
+
+
+def parameter_digest(model: torch.nn.Module) -> str:
+    """SHA-256 of every tensor of the state dict (name, dtype, shape and bytes): equal digests = identical weights."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
 
 
 @pytest.fixture(autouse=True)

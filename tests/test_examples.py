@@ -1,4 +1,5 @@
-"""End-to-end runs of examples/run_*.py on tiny generated data: one process, torchrun and accelerate (CPU DDP)."""
+"""End-to-end runs of examples/run_*.py on tiny generated data: one process, torchrun and accelerate (CPU DDP).
+Each run goes through `run_with_digest.py`, which prints every process's final parameter digest."""
 
 import importlib.util
 import json
@@ -15,21 +16,17 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from synthetic_scenes import SYNTHETIC_CLASS_NAMES, write_synthetic_ade20k, write_synthetic_imagefolder
 from transformers import AutoModelForImageClassification, AutoModelForSemanticSegmentation, pipeline
 
 from locatvit_hf import LocAtViTForImageClassification, LocAtViTForSemanticSegmentation
-from locatvit_hf.training import (
-    SYNTHETIC_CLASS_NAMES,
-    parameter_digest,
-    write_synthetic_ade20k,
-    write_synthetic_imagefolder,
-)
 
-from .conftest import tiny_config
+from .conftest import parameter_digest, tiny_config
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 SEGMENTATION = EXAMPLES / "run_semantic_segmentation.py"
 CLASSIFICATION = EXAMPLES / "run_image_classification.py"
+WITH_DIGEST = Path(__file__).resolve().parent / "run_with_digest.py"
 TINY = "hidden_size=32,num_hidden_layers=2,num_attention_heads=2,intermediate_size=64,patch_size=8"
 COMMON = ["--per_device_train_batch_size", "4", "--logging_steps", "2", "--disable_tqdm", "true", "--seed", "0"]
 TRAIN_IMAGES = 32  # one epoch: 8 steps of 4 in one process, 4 steps of 2 x 4 over two processes
@@ -51,7 +48,7 @@ LAUNCHERS = {
 def run(script: Path, args: list[str], tmp_home: Path, launcher: str = "single") -> str:
     env = {k: v for k, v in os.environ.items() if k not in {"WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_PORT"}}
     env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_HOME=str(tmp_home), TOKENIZERS_PARALLELISM="false")
-    command = [sys.executable, *LAUNCHERS[launcher], str(script), *args]
+    command = [sys.executable, *LAUNCHERS[launcher], str(WITH_DIGEST), str(script), *args]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     output = result.stdout + result.stderr
     assert result.returncode == 0, f"{' '.join(command)} failed:\n{output[-6000:]}"

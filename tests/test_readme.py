@@ -107,8 +107,9 @@ REPRODUCTION = ROOT / "docs" / "reproduction.md"
 def test_reproduction_doc_visualization_snippet_runs(tmp_path):
     """docs/reproduction.md's snippet, against a stand-in of the reproduction script's output folder: its data layout
     and a LocAtViT classifier and probe (untrained, the recorded run's sizes) where the script saves them."""
+    from synthetic_scenes import SYNTHETIC_CLASS_NAMES, make_synthetic_scenes
+
     from locatvit_hf import LocAtViTForImageClassification, LocAtViTForSemanticSegmentation
-    from locatvit_hf.training import SYNTHETIC_CLASS_NAMES, make_synthetic_scenes
 
     from .conftest import tiny_config
 

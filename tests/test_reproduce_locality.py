@@ -12,8 +12,9 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from synthetic_scenes import SYNTHETIC_CLASS_NAMES, render_synthetic_scene
 
-from locatvit_hf.training import SYNTHETIC_CLASS_NAMES, parse_config_overrides, render_synthetic_scene
+from locatvit_hf.training import parse_config_overrides
 
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "reproduce_locality.py"
 TOY = [

@@ -1,4 +1,5 @@
-"""Unit tests of locatvit_hf.training: streaming metrics, losses, schedule, Gaussian statistics, synthetic data."""
+"""Unit tests of locatvit_hf.training (streaming metrics, losses, schedule, Gaussian statistics) and of the examples'
+synthetic data."""
 
 import os
 
@@ -6,13 +7,18 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from synthetic_scenes import (
+    SYNTHETIC_NUM_LABELS,
+    make_synthetic_scenes,
+    render_synthetic_scene,
+    write_synthetic_ade20k,
+)
 from torch.nn import functional as F
-from transformers import HfArgumentParser, TrainingArguments
+from transformers import HfArgumentParser, Trainer, TrainingArguments
 
 import locatvit_hf.training as training
 from locatvit_hf import LocAtViTForImageClassification, LocAtViTForSemanticSegmentation
 from locatvit_hf.training import (
-    SYNTHETIC_NUM_LABELS,
     ClassificationLoss,
     GaussianStatsCallback,
     SegmentationMetrics,
@@ -21,15 +27,12 @@ from locatvit_hf.training import (
     enable_cpu_data_parallel,
     load_locatvit,
     logits_to_label_size,
-    make_synthetic_scenes,
-    one_cycle_lambda,
-    parameter_digest,
+    one_cycle_optimizers,
     pin_memory_only_with_accelerator,
-    render_synthetic_scene,
-    write_synthetic_ade20k,
+    training_steps,
 )
 
-from .conftest import tiny_config
+from .conftest import parameter_digest, tiny_config
 
 
 def direct_miou(predictions: list[np.ndarray], labels: list[np.ndarray], num_labels: int, ignore: int = 255):
@@ -138,22 +141,76 @@ def test_classification_loss_smoothing_soft_targets_and_normalization():
     assert loss({"logits": logits}, soft, num_items_in_batch=total) == pytest.approx(float(expected), rel=1e-6)
 
 
-def test_one_cycle_lambda_equals_torch_one_cycle():
-    for total in (100, 37):
-        parameter = torch.nn.Parameter(torch.zeros(1))
-        optimizer = torch.optim.AdamW([parameter], lr=1e-3)
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, 1e-3, total_steps=total, pct_start=0.25, anneal_strategy="linear", cycle_momentum=False,
-            div_factor=1e4, final_div_factor=1.0,
-        )  # fmt: skip
-        factor = one_cycle_lambda(total, 0.25, 1e4, 1.0)
-        for step in range(total):
-            assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * factor(step), rel=1e-9, abs=1e-15)
+def one_cycle_factor(step: int, total: int, warmup: int, div_factor: float, final_div_factor: float) -> float:
+    """mmcv's OneCycle schedule with linear annealing, written out: from 1 / div_factor at step 0 up to 1 at step
+    warmup - 1 (a warm-up of at most one step: no warm-up, the peak at step -1), down to 1 / (div_factor *
+    final_div_factor) at step total - 1, held after it."""
+    start, end = 1 / div_factor, 1 / (div_factor * final_div_factor)
+    peak = warmup - 1 if warmup > 1 else -1
+    if step <= peak:
+        return start + (1 - start) * step / peak
+    return 1 + (end - 1) * min((step - peak) / (total - 1 - peak), 1.0)
+
+
+@pytest.mark.parametrize(
+    ("total", "warmup_ratio", "final_div_factor"), [(100, 0.25, 1.0), (37, 0.25, 10.0), (4, 0.25, 1.0), (6, 0.0, 1.0)]
+)
+def test_one_cycle_schedule_values(tmp_path, total, warmup_ratio, final_div_factor):
+    """The lr of every step (and the one logged after the last), for warm-ups of several steps, of one step (which
+    OneCycleLR cannot have as a phase) and of none."""
+    args = TrainingArguments(
+        tmp_path, learning_rate=1e-3, max_steps=total, warmup_steps=warmup_ratio, report_to="none"
+    )
+    model = torch.nn.Linear(3, 2)
+    optimizer, scheduler = one_cycle_optimizers(model, args, 10, div_factor=1e4, final_div_factor=final_div_factor)
+    warmup = args.get_warmup_steps(total)
+    for step in range(total + 1):
+        expected = 1e-3 * one_cycle_factor(step, total, warmup, 1e4, final_div_factor)
+        assert [group["lr"] for group in optimizer.param_groups] == pytest.approx([expected] * 2, rel=1e-9, abs=1e-15)
+        if step < total:
             optimizer.step()
-            if step < total - 1:
-                scheduler.step()
-    short = one_cycle_lambda(4, 0.25, 1e4, 1.0)  # OneCycleLR divides by zero here
-    assert [short(step) for step in range(4)][-1] == pytest.approx(1e-4)
+            scheduler.step()
+    assert scheduler.get_last_lr()[0] == pytest.approx(1e-3 / (1e4 * final_div_factor), rel=1e-9)
+
+
+def test_one_cycle_optimizer_is_the_trainers(tmp_path):
+    """Same optimizer class, settings and weight-decay groups as `Trainer.create_optimizer`, trainable parameters
+    only."""
+    model = LocAtViTForSemanticSegmentation(tiny_config())
+    model.set_backbone_frozen(True)
+    args = TrainingArguments(tmp_path, learning_rate=1e-3, weight_decay=0.01, max_steps=5, report_to="none")
+    optimizer, _ = one_cycle_optimizers(model, args, 10)
+    reference = Trainer(model=model, args=args).create_optimizer()
+    assert type(optimizer) is type(reference)
+    for group, expected in zip(optimizer.param_groups, reference.param_groups, strict=True):
+        assert [id(p) for p in group["params"]] == [id(p) for p in expected["params"]]
+        assert {k: v for k, v in group.items() if k not in ("params", "lr", "initial_lr", "max_lr", "min_lr")} == {
+            k: v for k, v in expected.items() if k not in ("params", "lr")
+        }
+    assert {id(p) for group in optimizer.param_groups for p in group["params"]} == {
+        id(p) for p in model.parameters() if p.requires_grad
+    }
+    assert optimizer.param_groups[0]["weight_decay"] == 0.01 and optimizer.param_groups[1]["weight_decay"] == 0.0
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(max_steps=7),
+        dict(num_train_epochs=2.5, gradient_accumulation_steps=3),
+        dict(num_train_epochs=3, gradient_accumulation_steps=2, dataloader_drop_last=True),
+        dict(num_train_epochs=1),
+    ],
+)
+def test_training_steps_is_the_trainers(tmp_path, settings):
+    """`training_steps` counts what the Trainer will (its `max_steps`), which the schedule is built for."""
+    args = TrainingArguments(tmp_path, per_device_train_batch_size=4, report_to="none", **settings)
+    dataset = [{"pixel_values": torch.zeros(3), "labels": 0}] * 37
+    trainer = Trainer(model=torch.nn.Linear(3, 2), args=args, train_dataset=dataset)
+    assert (
+        training_steps(args, len(dataset))
+        == trainer.set_initial_training_values(args, trainer.get_train_dataloader())[-1]
+    )
 
 
 def test_gaussian_stats_callback_logs_the_model_quantities():

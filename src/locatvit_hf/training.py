@@ -1,4 +1,4 @@
-"""Reusable pieces for training LocAtViT with the `transformers` Trainer (used by `examples/run_*.py`).
+"""What the example scripts (`examples/run_*.py`) share that `transformers`, `accelerate` and torch do not provide.
 
 - `enable_cpu_data_parallel`: make `torchrun` / `accelerate launch --multi_gpu` train data-parallel on a machine
   without an accelerator, where `TrainingArguments` would otherwise give every process its own full run.
@@ -6,16 +6,15 @@
   alpha of GAug in the Trainer's log.
 - `SegmentationMetrics`, `confusion_matrix`: mIoU, pixel accuracy and per-class IoU from a confusion matrix
   accumulated batch by batch (memory: num_labels**2 integers, whatever the number of images).
-- `LocAtViTTrainer` (one-cycle schedule of the paper) and `SegmentationTrainer` (whole-image evaluation at the
-  original label size, streamed through the confusion matrix, data-parallel safe).
+- `SegmentationTrainer`: whole-image evaluation at the original label size, streamed through the confusion matrix,
+  data-parallel safe.
+- `one_cycle_optimizers`: the paper's one-cycle schedule (torch's `OneCycleLR`) for `Trainer(optimizers=...)`.
 - `TopKAccuracy`, `ClassificationLoss`: streaming top-1/top-5 and the soft-target / label-smoothing loss.
-- `render_synthetic_scene`, `synthetic_dataset`, `write_synthetic_*`: a procedurally generated, deterministic
-  dataset of textured scenes with exact masks and an image-level label.
+- `parse_run_arguments`, `checkpoint_to_resume`, `train_and_evaluate`, `publish`, `load_locatvit`: the scripts' run.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -23,7 +22,6 @@ import os
 import re
 import sys
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -82,16 +80,6 @@ def pin_memory_only_with_accelerator(parser) -> bool:
     pin = accelerator_available()
     parser.set_defaults(dataloader_pin_memory=pin)
     return pin
-
-
-def parameter_digest(model: torch.nn.Module) -> str:
-    """SHA-256 of every tensor of the state dict (name, dtype, shape and bytes): equal digests = identical weights."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        tensor = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -241,25 +229,9 @@ def checkpoint_to_resume(training_args) -> str | bool | None:
     return resume
 
 
-def one_cycle_settings(model_args) -> dict | None:
-    """The `one_cycle` argument of `LocAtViTTrainer` from a script's model arguments (None: the Trainer's own
-    `--lr_scheduler_type`)."""
-    if model_args.lr_schedule != "one_cycle":
-        return None
-    return {"div_factor": model_args.one_cycle_div_factor, "final_div_factor": model_args.one_cycle_final_div_factor}
-
-
-def close_process_group() -> None:
-    """Destroys the process group of a multi-process launch before the interpreter exits, as PyTorch recommends. Left
-    to exit-time destruction, a rank of `accelerate launch` twice aborted after finishing its work ("terminate called
-    without an active exception", exit code -6) in this project's CI runs."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-
-
 def train_and_evaluate(trainer: Trainer, train_dataset, eval_dataset, resume) -> dict:
-    """Train (then save the model, its metrics and the Trainer state), evaluate, and print this process's parameter
-    digest: data-parallel replicas must agree. Returns the train and eval metrics."""
+    """Train (then save the model, its metrics and the Trainer state) and evaluate. Returns the train and eval
+    metrics."""
     args = trainer.args
     results = {}
     if train_dataset is not None:
@@ -279,8 +251,6 @@ def train_and_evaluate(trainer: Trainer, train_dataset, eval_dataset, resume) ->
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
         results.update(metrics)
-    digest = parameter_digest(trainer.accelerator.unwrap_model(trainer.model))
-    print(f"[rank {args.process_index}/{args.world_size}] final parameter digest {digest}", flush=True)
     return results
 
 
@@ -414,62 +384,70 @@ def logits_to_label_size(
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def one_cycle_lambda(total_steps: int, pct_start: float, div_factor: float, final_div_factor: float):
-    """Multiplier of the peak lr at each step of `torch.optim.lr_scheduler.OneCycleLR` (two phases, linear
-    annealing): from 1 / div_factor up to 1 at step `pct_start * total_steps - 1`, then down to
-    1 / (div_factor * final_div_factor) at step `total_steps - 1`. Same values as OneCycleLR, as a `LambdaLR` factor
-    that also accepts schedules too short for OneCycleLR (which divides by zero when a phase has no step)."""
-    start, end = 1.0 / div_factor, 1.0 / (div_factor * final_div_factor)
-    peak_step = float(pct_start * total_steps) - 1
-    last_step = float(total_steps - 1)
-
-    def factor(step: int) -> float:
-        if step <= peak_step:
-            return start + (1.0 - start) * (step / peak_step if peak_step > 0 else 1.0)
-        if last_step <= peak_step:
-            return end
-        return 1.0 + (end - 1.0) * min((step - peak_step) / (last_step - peak_step), 1.0)
-
-    return factor
+def training_steps(args, num_examples: int) -> int:
+    """The number of optimizer steps `Trainer.train` takes over `num_examples` training examples (its
+    `state.max_steps`): `--max_steps`, or the epochs times the updates per epoch of one process, whose share of the
+    batches accelerate rounds up (down with `--dataloader_drop_last`). A scheduler built before the Trainer needs it."""
+    if args.max_steps > 0:
+        return args.max_steps
+    drop_last = args.dataloader_drop_last
+    batches = num_examples // args.train_batch_size if drop_last else math.ceil(num_examples / args.train_batch_size)
+    per_process = batches // args.world_size if drop_last else math.ceil(batches / args.world_size)
+    updates_per_epoch = max(math.ceil(per_process / args.gradient_accumulation_steps), 1)
+    return math.ceil(args.num_train_epochs * updates_per_epoch)
 
 
-class LocAtViTTrainer(Trainer):
-    """`Trainer` with the paper's one-cycle learning-rate schedule as an option.
+class OneCycleLR(torch.optim.lr_scheduler.OneCycleLR):
+    """torch's `OneCycleLR`, holding its final lr once the cycle is over. The Trainer steps the scheduler after each
+    of the `total_steps` optimizer steps, and torch's extrapolates the last one past the end of the annealing, below
+    zero: that value trains nothing, but the Trainer logs it."""
 
-    `one_cycle=dict(div_factor=1e4, final_div_factor=1.0)` replaces the scheduler of `args.lr_scheduler_type` by
-    `torch.optim.lr_scheduler.OneCycleLR(max_lr=args.learning_rate, total_steps=<training steps>,
-    pct_start=<warm-up steps> / <training steps>, anneal_strategy="linear", cycle_momentum=False)` (computed as an
-    equal `LambdaLR`, see `one_cycle_lambda`): linear warm-up from
-    lr / div_factor to lr, then linear annealing to lr / (div_factor * final_div_factor) (mmcv's OneCycle hook, which
-    the paper's segmentation protocol uses: 25 % warm-up, start and end lr = lr / 1e4). None of the built-in
-    `lr_scheduler_type`s starts the warm-up at a non-zero lr, hence this. Momentum/betas are left alone (AdamW keeps
-    the betas it was given). The scheduler is built on the Trainer's own optimizer, so it works under DDP and FSDP and
-    is saved and restored with the checkpoints.
+    def get_lr(self) -> list[float]:
+        if self.last_epoch >= self.total_steps:
+            return [group["lr"] for group in self.optimizer.param_groups]
+        return super().get_lr()
+
+
+def one_cycle_optimizers(
+    model: torch.nn.Module, args, num_examples: int, div_factor: float = 1e4, final_div_factor: float = 1.0
+) -> tuple[torch.optim.Optimizer, OneCycleLR]:
+    """`(optimizer, scheduler)` for `Trainer(optimizers=...)`: the Trainer's optimizer (class and settings from `args`,
+    no weight decay on biases and norm weights, only trainable parameters) with torch's `OneCycleLR`, the paper's
+    schedule (mmcv's OneCycle hook): linear warm-up over `args.get_warmup_steps` steps from lr / div_factor to lr,
+    then linear annealing to lr / (div_factor * final_div_factor); momentum and betas untouched.
+
+    None of the Trainer's `lr_scheduler_type`s starts its warm-up above zero, hence this. A one-step warm-up would end
+    at the first step, a phase of no step that OneCycleLR cannot have: it is dropped. The Trainer does not take
+    `optimizers` under FSDP (use the Trainer's own schedule there).
     """
+    from transformers.trainer_pt_utils import get_parameter_names
 
-    def __init__(self, *args, one_cycle: dict | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.one_cycle = one_cycle
+    optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+    # The Trainer's rule (`Trainer.get_decay_parameter_names`).
+    no_decay = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
+    decay = set(get_parameter_names(model, [torch.nn.LayerNorm], no_decay))
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for name, p in trainable if name in decay], "weight_decay": args.weight_decay},
+        {"params": [p for name, p in trainable if name not in decay], "weight_decay": 0.0},
+    ]
+    optimizer = optimizer_cls(groups, **optimizer_kwargs)
+    total = training_steps(args, num_examples)
+    warmup = args.get_warmup_steps(total)
+    scheduler = OneCycleLR(
+        optimizer,
+        max_lr=args.learning_rate,
+        total_steps=total,
+        pct_start=min(warmup / total, 1.0) if warmup > 1 else 0.0,
+        anneal_strategy="linear",
+        cycle_momentum=False,
+        div_factor=div_factor,
+        final_div_factor=final_div_factor,
+    )
+    return optimizer, scheduler
 
-    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
-        if self.one_cycle is None or self.lr_scheduler is not None:
-            return super().create_scheduler(num_training_steps, optimizer)
-        optimizer = optimizer if optimizer is not None else self.optimizer
-        warmup = self.args.get_warmup_steps(num_training_steps)
-        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer,
-            one_cycle_lambda(
-                num_training_steps,
-                pct_start=min(max(warmup / num_training_steps, 0.0), 1.0),
-                div_factor=float(self.one_cycle.get("div_factor", 1e4)),
-                final_div_factor=float(self.one_cycle.get("final_div_factor", 1.0)),
-            ),
-        )
-        self._created_lr_scheduler = True
-        return self.lr_scheduler
 
-
-class SegmentationTrainer(LocAtViTTrainer):
+class SegmentationTrainer(Trainer):
     """Evaluates semantic segmentation on whole images, at the labels' size, without keeping predictions around.
 
     Each evaluation batch holds `pixel_values` (the possibly resized images, all of one size: use an evaluation batch
@@ -557,226 +535,18 @@ class ClassificationLoss:
 
     def __call__(self, outputs, labels, num_items_in_batch=None):
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
-        log_probs = F.log_softmax(logits.float(), dim=-1)
-        num_labels = logits.shape[-1]
         if labels.is_floating_point() and labels.ndim == 2:
-            targets = labels.to(log_probs.dtype)
+            targets = labels.to(torch.float32)
         else:
-            targets = F.one_hot(labels.long(), num_labels).to(log_probs.dtype)
-        if self.model.training and self.label_smoothing:
-            targets = targets * (1.0 - self.label_smoothing) + self.label_smoothing / num_labels
-        per_sample = -(targets * log_probs).sum(-1)
+            targets = labels.long()
+        smoothing = self.label_smoothing if self.model.training else 0.0
+        loss = F.cross_entropy(logits.float(), targets, label_smoothing=smoothing, reduction="sum")
         if num_items_in_batch is None:
-            return per_sample.mean()
+            return loss / logits.shape[0]
         count = num_items_in_batch
         if labels.ndim == 2:  # the Trainer counted every entry of the soft targets
             count = count / labels.shape[-1]
-        return per_sample.sum() / torch.as_tensor(count, device=per_sample.device, dtype=per_sample.dtype)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Synthetic dataset
-# ---------------------------------------------------------------------------------------------------------------------
-
-SYNTHETIC_PATTERNS = ("stripes", "checks", "dots", "waves")
-SYNTHETIC_PALETTES = {
-    # name: (foreground RGB, background RGB)
-    "warm": ((220, 60, 40), (250, 200, 90)),
-    "cool": ((40, 80, 210), (120, 220, 230)),
-}
-SYNTHETIC_CLASS_NAMES = ("background",) + tuple(
-    f"{palette} {pattern}" for pattern in SYNTHETIC_PATTERNS for palette in SYNTHETIC_PALETTES
-)
-SYNTHETIC_NUM_LABELS = len(SYNTHETIC_CLASS_NAMES)
-# Pattern period in pixels, per pattern.
-_PERIODS = {"stripes": 6.0, "checks": 8.0, "dots": 7.0, "waves": 9.0}
-
-
-@dataclass
-class SyntheticScene:
-    image: np.ndarray  # (H, W, 3) uint8
-    mask: np.ndarray  # (H, W) uint8, 0 = background, k = SYNTHETIC_CLASS_NAMES[k]
-    label: int  # image-level class: the object class (1..8) covering the most pixels
-
-
-def _pattern(kind: str, x: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """A [0, 1] texture over pixel coordinates, with a random orientation, phase and slight period change."""
-    angle = rng.uniform(0, np.pi)
-    period = _PERIODS[kind] * rng.uniform(0.85, 1.15)
-    u = x * np.cos(angle) + y * np.sin(angle) + rng.uniform(0, period)
-    v = -x * np.sin(angle) + y * np.cos(angle) + rng.uniform(0, period)
-    if kind == "stripes":
-        return (np.sin(2 * np.pi * u / period) > 0).astype(np.float32)
-    if kind == "checks":
-        return ((np.floor(2 * u / period) + np.floor(2 * v / period)) % 2).astype(np.float32)
-    if kind == "dots":
-        du, dv = (u % period) - period / 2, (v % period) - period / 2
-        return (du**2 + dv**2 < (0.32 * period) ** 2).astype(np.float32)
-    # waves: smooth sinusoidal bands whose position oscillates along the other axis
-    return (
-        0.5 + 0.5 * np.sin(2 * np.pi * (u + 0.35 * period * np.sin(2 * np.pi * v / (2.5 * period))) / period)
-    ).astype(np.float32)
-
-
-def _shape_mask(x: np.ndarray, y: np.ndarray, height: int, width: int, rng: np.random.Generator) -> np.ndarray:
-    """An ellipse, a rotated rectangle or a triangle with its centre inside the image."""
-    side = min(height, width)
-    cy, cx = rng.uniform(0.15, 0.85) * height, rng.uniform(0.15, 0.85) * width
-    ry, rx = rng.uniform(0.14, 0.34, size=2) * side
-    angle = rng.uniform(0, np.pi)
-    dx, dy = x - cx, y - cy
-    u = dx * np.cos(angle) + dy * np.sin(angle)
-    v = -dx * np.sin(angle) + dy * np.cos(angle)
-    kind = rng.integers(3)
-    if kind == 0:
-        return (u / rx) ** 2 + (v / ry) ** 2 <= 1.0
-    if kind == 1:
-        return (np.abs(u) <= rx) & (np.abs(v) <= ry)
-    # triangle: intersection of three half-planes around the centre
-    inside = np.ones_like(u, dtype=bool)
-    radius = max(rx, ry)
-    for k in range(3):
-        theta = angle + 2 * np.pi * k / 3
-        inside &= u * np.cos(theta) + v * np.sin(theta) <= 0.5 * radius
-    return inside
-
-
-def render_synthetic_scene(seed: int, index: int, height: int = 64, width: int = 64) -> SyntheticScene:
-    """Scene number `index` of the synthetic dataset `seed`: the same (seed, index, size) always gives the same
-    pixels, independently of the other scenes.
-
-    How it is made (numpy only, no external images): the background (class 0) is a smooth, desaturated colour
-    gradient. Two to four objects are painted over it, later ones occluding earlier ones; each is an ellipse, a
-    rotated rectangle or a triangle, and belongs to one of eight classes = four textures (stripes, checks, dots,
-    waves, with a random orientation and phase) x two palettes (warm, cool). No class can be told by its colour or
-    its texture alone, only by both, locally. The mask gives every pixel's class exactly (the painted region), and
-    the image-level label is the object class with the most visible pixels (ties: the lower class). Gaussian pixel
-    noise (sigma 6) and a per-object brightness jitter are added last.
-    """
-    rng = np.random.default_rng([seed, index, height, width])
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    base = rng.uniform(90, 170, size=3)
-    tilt = rng.uniform(-40, 40, size=(2, 3))
-    gray = base.mean()
-    base = gray + 0.35 * (base - gray)  # desaturated
-    image = base + (y / height - 0.5)[..., None] * tilt[0] + (x / width - 0.5)[..., None] * tilt[1]
-    mask = np.zeros((height, width), dtype=np.uint8)
-    for _ in range(rng.integers(2, 5)):
-        cls = int(rng.integers(1, SYNTHETIC_NUM_LABELS))
-        pattern = SYNTHETIC_PATTERNS[(cls - 1) // len(SYNTHETIC_PALETTES)]
-        foreground, background = SYNTHETIC_PALETTES[tuple(SYNTHETIC_PALETTES)[(cls - 1) % len(SYNTHETIC_PALETTES)]]
-        region = _shape_mask(x, y, height, width, rng)
-        texture = _pattern(pattern, x, y, rng)[..., None]
-        colours = texture * np.asarray(foreground) + (1 - texture) * np.asarray(background)
-        colours = colours * rng.uniform(0.85, 1.15)
-        image[region] = colours[region]
-        mask[region] = cls
-    image = image + rng.normal(0.0, 6.0, size=image.shape)
-    counts = np.bincount(mask.reshape(-1), minlength=SYNTHETIC_NUM_LABELS)
-    counts[0] = 0
-    label = int(counts.argmax()) if counts.any() else 1
-    return SyntheticScene(np.clip(image, 0, 255).astype(np.uint8), mask, label)
-
-
-def synthetic_sizes(num_images: int, seed: int, image_size, max_image_size=None) -> list[tuple[int, int]]:
-    """(height, width) of each scene: `image_size` (int or pair), or drawn in [image_size, max_image_size]."""
-    low = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-    if max_image_size is None:
-        return [low] * num_images
-    high = (max_image_size, max_image_size) if isinstance(max_image_size, int) else tuple(max_image_size)
-    rng = np.random.default_rng([seed, 1_000_003])
-    return [
-        (int(rng.integers(low[0], high[0] + 1)), int(rng.integers(low[1], high[1] + 1))) for _ in range(num_images)
-    ]
-
-
-def make_synthetic_scenes(num_images: int, seed: int = 0, image_size=64, max_image_size=None) -> list[SyntheticScene]:
-    sizes = synthetic_sizes(num_images, seed, image_size, max_image_size)
-    return [render_synthetic_scene(seed, index, *size) for index, size in enumerate(sizes)]
-
-
-def synthetic_dataset(
-    num_images: int, seed: int = 0, image_size=64, max_image_size=None, task: str = "semantic-segmentation"
-):
-    """A `datasets.Dataset` of synthetic scenes: columns `image` (PIL) and `annotation` (PIL mode L, 0..8) for
-    `"semantic-segmentation"`, or `image` and `label` (ClassLabel over the eight object classes, label k-1 for object
-    class k) for `"image-classification"`."""
-    import datasets
-    from PIL import Image
-
-    scenes = make_synthetic_scenes(num_images, seed, image_size, max_image_size)
-    images = [Image.fromarray(scene.image) for scene in scenes]
-    if task == "semantic-segmentation":
-        features = datasets.Features({"image": datasets.Image(), "annotation": datasets.Image()})
-        data = {"image": images, "annotation": [Image.fromarray(scene.mask) for scene in scenes]}
-    elif task == "image-classification":
-        features = datasets.Features(
-            {"image": datasets.Image(), "label": datasets.ClassLabel(names=list(SYNTHETIC_CLASS_NAMES[1:]))}
-        )
-        data = {"image": images, "label": [scene.label - 1 for scene in scenes]}
-    else:
-        raise ValueError(f"unknown task {task!r}: use 'semantic-segmentation' or 'image-classification'.")
-    return datasets.Dataset.from_dict(data, features=features)
-
-
-def write_synthetic_imagefolder(root, split: str, num_images: int, seed: int = 0, image_size=64) -> Path:
-    """Write scenes as an `imagefolder` classification dataset: `root/split/<class name>/<index>.png`."""
-    from PIL import Image
-
-    root = Path(root) / split
-    for index, scene in enumerate(make_synthetic_scenes(num_images, seed, image_size)):
-        folder = root / SYNTHETIC_CLASS_NAMES[scene.label].replace(" ", "_")
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(scene.image).save(folder / f"{index:05d}.png")
-    return root
-
-
-def write_synthetic_ade20k(
-    root, split: str, num_images: int, seed: int = 0, image_size=64, max_image_size=None
-) -> Path:
-    """Write scenes in the ADE20K layout and label convention: `root/images/<split>/<name>.png` and
-    `root/annotations/<split>/<name>.png`, with pixel value = class + 1 and 0 ("other", unlabelled) on a one-pixel
-    frame around each image, so that `--reduce_labels` gives back the classes and ignores the frame."""
-    from PIL import Image
-
-    root = Path(root)
-    (root / "images" / split).mkdir(parents=True, exist_ok=True)
-    (root / "annotations" / split).mkdir(parents=True, exist_ok=True)
-    for index, scene in enumerate(make_synthetic_scenes(num_images, seed, image_size, max_image_size)):
-        annotation = scene.mask + 1
-        annotation[0, :] = annotation[-1, :] = annotation[:, 0] = annotation[:, -1] = 0
-        name = f"synthetic_{split}_{index:05d}"
-        Image.fromarray(scene.image).save(root / "images" / split / f"{name}.png")
-        Image.fromarray(annotation.astype(np.uint8)).save(root / "annotations" / split / f"{name}.png")
-    return root
-
-
-__all__ = [
-    "SYNTHETIC_CLASS_NAMES",
-    "SYNTHETIC_NUM_LABELS",
-    "ClassificationLoss",
-    "GaussianStatsCallback",
-    "LocAtViTTrainer",
-    "SegmentationMetrics",
-    "SegmentationTrainer",
-    "SyntheticScene",
-    "TopKAccuracy",
-    "accelerator_available",
-    "confusion_matrix",
-    "enable_cpu_data_parallel",
-    "install_gaussian_stats",
-    "launched_world_size",
-    "logits_to_label_size",
-    "make_synthetic_scenes",
-    "metrics_from_confusion",
-    "parameter_digest",
-    "pin_memory_only_with_accelerator",
-    "render_synthetic_scene",
-    "synthetic_dataset",
-    "synthetic_sizes",
-    "write_synthetic_ade20k",
-    "write_synthetic_imagefolder",
-]
+        return loss / torch.as_tensor(count, device=loss.device, dtype=loss.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -860,3 +630,29 @@ def load_locatvit(task: str, name_or_path: str, config_overrides: dict | None = 
         config = checkpoint_config(name_or_path, overrides, hub_kwargs)
         return model_class.from_pretrained(name_or_path, config=config, ignore_mismatched_sizes=True, **hub_kwargs)
     return load_converted(name_or_path, task, **overrides).train()
+
+
+__all__ = [
+    "ClassificationLoss",
+    "GaussianStatsCallback",
+    "OneCycleLR",
+    "SegmentationMetrics",
+    "SegmentationTrainer",
+    "TopKAccuracy",
+    "accelerator_available",
+    "checkpoint_to_resume",
+    "confusion_matrix",
+    "enable_cpu_data_parallel",
+    "install_gaussian_stats",
+    "launched_world_size",
+    "load_locatvit",
+    "logits_to_label_size",
+    "metrics_from_confusion",
+    "one_cycle_optimizers",
+    "parse_config_overrides",
+    "parse_run_arguments",
+    "pin_memory_only_with_accelerator",
+    "publish",
+    "train_and_evaluate",
+    "training_steps",
+]
