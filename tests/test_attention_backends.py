@@ -166,3 +166,32 @@ def test_compiled_model_keeps_the_fused_operator():
     model(x, labels=labels).loss.backward()
     for name, parameter in model.named_parameters():
         torch.testing.assert_close(compiled_grads[name], parameter.grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_backends_keep_what_backward_needs_when_only_keys_and_values_train(name, monkeypatch):
+    """The first layer's queries without a gradient (the embeddings and all of the first layer but its key and value
+    projections frozen) while its keys and values train: the backward still needs that layer's bias, so no backend
+    may write it into a buffer that is written again (by another layer, or by the next block of queries of the
+    blockwise inference path, which a one-byte threshold turns on for every call)."""
+    monkeypatch.setattr(attention, "INFERENCE_BIAS_BYTES", 1)
+    config = tiny_config(image_size=(32, 48), num_hidden_layers=3)
+    model = LocAtViTForImageClassification(config).train()
+    model.locatvit.embeddings.requires_grad_(False)
+    first = model.locatvit.encoder.layers[0]
+    first.requires_grad_(False)
+    first.attention.k_proj.requires_grad_(True)
+    first.attention.v_proj.requires_grad_(True)
+    reference = copy.deepcopy(model)
+    reference.config.attention_backend = "eager"
+    model.config.attention_backend = name
+    pixel_values = torch.randn(2, 3, 32, 48)
+    queries = torch.zeros(2, config.num_attention_heads, 1 + 4 * 6, config.hidden_size // config.num_attention_heads)
+    problem = attention.backend_unavailable(name, queries, (queries,), 0.0)
+    if problem:
+        pytest.skip(problem)
+    for current in (reference, model):
+        current(pixel_values, labels=torch.tensor([0, 1])).loss.backward()
+    for (key, parameter), expected in zip(model.named_parameters(), reference.parameters()):
+        if parameter.requires_grad:
+            torch.testing.assert_close(parameter.grad, expected.grad, rtol=1e-4, atol=1e-6, msg=key)

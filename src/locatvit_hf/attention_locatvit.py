@@ -118,6 +118,27 @@ def query_distance_tables(
         return torch.stack((table[:, rows], table[:, cols]))
 
 
+def exported_profiles(statistics, grid_size, floor: float, scale: float, eps: float):
+    """`LocAtViTGaussianBias.profiles` for `torch.export` (the same values, elementwise): row (batch, heads, P, H) and
+    column (batch, heads, P, W) profiles from `statistics` (batch, heads, 3, P), each from its own (lines, P)
+    distance table built by operators from the (symbolic) grid sizes. The stacked (2, max(H, W), P) table would tie
+    the export to the sign of H - W (its padding and layout) and the Python cache to concrete sizes."""
+    height, width = grid_size
+    device = statistics.device  # each patch's row and column, row-major (`%` of a symbolic size has no ONNX form)
+    rows = torch.arange(height, device=device)[:, None].expand(height, width).reshape(-1)
+    cols = torch.arange(width, device=device).expand(height, width).reshape(-1)
+    denominator = torch.sigmoid(statistics[..., :2, :]) + eps / scale
+    log_strength = torch.log(F.softplus(statistics[..., 2, :]).clamp(min=PROFILE_FLOOR)).unsqueeze(-2)
+    profiles = []
+    for index, (lines, position) in enumerate(((height, rows), (width, cols))):
+        line = torch.arange(lines, dtype=torch.float64, device=device)[:, None]
+        table = ((-0.5 * (line - position.double()) ** 2).clamp(min=floor) / scale).to(statistics.dtype)
+        exponent = table / denominator[..., index, None, :]
+        exponent = exponent + log_strength if index == 0 else exponent
+        profiles.append(flushed_exp(exponent).transpose(-1, -2))
+    return tuple(profiles)
+
+
 Backend = Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
 BACKENDS: dict[str, Backend] = {}
 
@@ -139,9 +160,10 @@ def traced() -> bool:
     return torch.compiler.is_compiling()
 
 
-def reuses_buffers(workspace: "BiasWorkspace | None", query: torch.Tensor) -> bool:
-    """Whether this call may write into the encoder's reused buffers: no gradient recorded, not traced."""
-    return workspace is not None and not (torch.is_grad_enabled() and query.requires_grad) and not traced()
+def reuses_buffers(workspace: "BiasWorkspace | None") -> bool:
+    """Whether this call may write into the encoder's reused buffers: outside tracing, and only without gradient
+    mode, since a backward may need what a later write replaces (a layer's bias when only its keys train, say)."""
+    return workspace is not None and not torch.is_grad_enabled() and not traced()
 
 
 def full_bias(row: torch.Tensor, col: torch.Tensor, num_prefix: int) -> torch.Tensor:
@@ -154,7 +176,7 @@ def full_bias(row: torch.Tensor, col: torch.Tensor, num_prefix: int) -> torch.Te
 def separable_bias(row, col, num_prefix: int, dtype: torch.dtype, workspace: "BiasWorkspace | None", query):
     """The bias as `sdpa`'s mask, in `dtype`: written into a reused buffer without a gradient, by
     `SeparableBiasWriter` with one, in plain operators when traced."""
-    if reuses_buffers(workspace, query):
+    if reuses_buffers(workspace):
         batch, heads, seq_len, _ = query.shape
         bias = workspace.get("bias", (batch, heads, seq_len, seq_len), dtype, query.device)
         return write_separable_bias(bias, row, col, num_prefix)
@@ -181,7 +203,7 @@ def sdpa_attention(query, key, value, profiles, *, scale: float, dropout: float,
     blocks of queries when it would exceed `INFERENCE_BIAS_BYTES` without a gradient)."""
     if profiles is None:
         bias = None
-    elif reuses_buffers(workspace, query) and bias_bytes(query) > INFERENCE_BIAS_BYTES:
+    elif reuses_buffers(workspace) and bias_bytes(query) > INFERENCE_BIAS_BYTES:
         return attention_in_query_blocks(query, key, value, *profiles, scale, workspace, num_prefix), None
     else:
         bias = separable_bias(*profiles, num_prefix, query.dtype, workspace, query)

@@ -31,10 +31,12 @@ from .attention_locatvit import (
     PROFILE_FLOOR,
     BiasWorkspace,
     FlushedProfiles,
+    exported_profiles,
     flushed_exp,
     gaussian_attention,
     grid_distance_table,
     query_distance_tables,
+    reuses_buffers,
     traced,
 )
 from .configuration_locatvit import LocAtViTConfig
@@ -150,10 +152,6 @@ class LocAtViTGaussianBias(nn.Module):
         # Set by the encoder: a buffer shared by its layers, reused when no gradient is recorded.
         self.workspace: BiasWorkspace | None = None
 
-    def uses_workspace(self) -> bool:
-        """Whether this call writes into the encoder's reused buffers: no gradient recorded, outside compilation."""
-        return self.workspace is not None and not torch.is_grad_enabled() and not traced()
-
     def variance_scale(self, grid_size: tuple[int, int]) -> float:
         """The variances' upper bound: the configured grid's squared side, rescaled with the grid (docs/method.md#variances-and-strength-from-the-query)."""
         return self.max_variance * (torch.sym_min(*grid_size) / min(self.initial_grid))  # exactly 1x at the start
@@ -229,17 +227,19 @@ class LocAtViTGaussianBias(nn.Module):
         if self.training and self.pools_queries_in_training:
             return self._pooled_profiles(query[:, :, NUM_PREFIX_TOKENS:], grid_size)
         statistics = self.statistics(query)[..., NUM_PREFIX_TOKENS:]
+        if torch.compiler.is_exporting():  # plain operators of symbolic sizes; contiguous: no guard on the batch size
+            scale = self.variance_scale(grid_size)
+            return exported_profiles(statistics.contiguous(), grid_size, self.min_half_sq_distance, scale, self.eps)
         batch, heads, seq_len, _ = query.shape
         patches, (height, width) = seq_len - NUM_PREFIX_TOKENS, grid_size
         on_cpu = statistics.device.type == "cpu" and statistics.dtype == torch.float32
-        # The kernel's operators (traced by `torch.compile`; plain operators for `torch.export`).
-        write_profiles = fused_cpu_profiles() if on_cpu and not torch.compiler.is_exporting() else None
+        write_profiles = fused_cpu_profiles() if on_cpu else None  # the kernel's operators, traced by `torch.compile`
         if write_profiles is not None:
             scale = self.variance_scale(grid_size)
             table = grid_distance_table.__wrapped__ if traced() else grid_distance_table  # a tracer skips caches
             distances = table(max(grid_size), self.min_half_sq_distance, scale, torch.float32, "cpu")
             constants = (distances, self.eps / scale, PROFILE_FLOOR, FLUSH_CLAMP)
-            if not self.uses_workspace():  # with its gradient, if one is recorded
+            if not reuses_buffers(self.workspace):  # with its gradient, if one is recorded
                 return gaussian_profiles(statistics, *constants, height, width)
             row = self.workspace.get("row profiles", (batch, heads, patches, height), statistics.dtype, query.device)
             col = self.workspace.get("column profiles", (batch, heads, patches, width), statistics.dtype, query.device)
@@ -247,7 +247,7 @@ class LocAtViTGaussianBias(nn.Module):
             return row, col
         distances = self.query_distances(grid_size, statistics.dtype, query.device)
         out = None
-        if self.uses_workspace():
+        if reuses_buffers(self.workspace):
             shape = (batch, heads, *distances.shape[:2], patches)
             out = self.workspace.get("profiles", shape, statistics.dtype, query.device)
         return self.profiles(statistics, distances, grid_size, out)
