@@ -41,11 +41,11 @@ from locatvit_hf.training import (
     enable_cpu_data_parallel,
     install_gaussian_stats,
     load_locatvit,
-    one_cycle_optimizers,
     parse_config_overrides,
     parse_run_arguments,
     pin_memory_only_with_accelerator,
     publish,
+    script_optimizers,
     train_and_evaluate,
 )
 
@@ -304,15 +304,7 @@ def main(argv: list[str] | None = None) -> dict:
         image_std=list(data_args.image_std),
     )
 
-    optimizers = (None, None)  # the Trainer's own, with --lr_scheduler_type
-    if model_args.lr_schedule == "one_cycle" and train_dataset is not None:
-        optimizers = one_cycle_optimizers(
-            model,
-            training_args,
-            len(train_dataset),
-            model_args.one_cycle_div_factor,
-            model_args.one_cycle_final_div_factor,
-        )
+    optimizers = script_optimizers(model, training_args, model_args, train_dataset)
     trainer = Trainer(
         model=model,
         args=training_args,

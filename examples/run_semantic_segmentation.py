@@ -47,11 +47,11 @@ from locatvit_hf.training import (
     enable_cpu_data_parallel,
     install_gaussian_stats,
     load_locatvit,
-    one_cycle_optimizers,
     parse_config_overrides,
     parse_run_arguments,
     pin_memory_only_with_accelerator,
     publish,
+    script_optimizers,
     train_and_evaluate,
 )
 
@@ -537,15 +537,7 @@ def main(argv: list[str] | None = None) -> dict:
         do_reduce_labels=data_args.reduce_labels,
     )
 
-    optimizers = (None, None)  # the Trainer's own, with --lr_scheduler_type
-    if model_args.lr_schedule == "one_cycle" and train_dataset is not None:
-        optimizers = one_cycle_optimizers(
-            model,
-            training_args,
-            len(train_dataset),
-            model_args.one_cycle_div_factor,
-            model_args.one_cycle_final_div_factor,
-        )
+    optimizers = script_optimizers(model, training_args, model_args, train_dataset)
     trainer = SegmentationTrainer(
         model=model,
         args=training_args,

@@ -447,6 +447,15 @@ def one_cycle_optimizers(
     return optimizer, scheduler
 
 
+def script_optimizers(model: torch.nn.Module, args, model_args, train_dataset) -> tuple:
+    """`Trainer(optimizers=...)` of the example scripts: `one_cycle_optimizers` with `--lr_schedule one_cycle` (and
+    training data), else `(None, None)`, the Trainer's own optimizer and `--lr_scheduler_type`."""
+    if model_args.lr_schedule != "one_cycle" or train_dataset is None:
+        return None, None
+    factors = (model_args.one_cycle_div_factor, model_args.one_cycle_final_div_factor)
+    return one_cycle_optimizers(model, args, len(train_dataset), *factors)
+
+
 class SegmentationTrainer(Trainer):
     """Evaluates semantic segmentation on whole images, at the labels' size, without keeping predictions around.
 
@@ -649,6 +658,7 @@ __all__ = [
     "logits_to_label_size",
     "metrics_from_confusion",
     "one_cycle_optimizers",
+    "script_optimizers",
     "parse_config_overrides",
     "parse_run_arguments",
     "pin_memory_only_with_accelerator",
