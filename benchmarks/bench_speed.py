@@ -5,14 +5,15 @@
 
 Both models use `sdpa`, the same hidden size, depth, heads, patch and configured image size (224); other resolutions
 go through `interpolate_pos_encoding=True`, as when fine-tuning or segmenting at 512 px. Runs are interleaved after a
-warm-up and the ratio of the medians is reported. Training memory is measured for each model in a fresh subprocess:
-peak RSS sampled during one training step minus the RSS just before it on CPU (`max_memory_allocated` minus the
-allocation before it on CUDA), so it counts activations, gradients and optimizer state, not the libraries; the
-median of five such subprocesses per model is reported (one on CUDA, where it does not vary). `--high-res` adds
-inference at 1024 and 2048 px and training at 1024 px. LocAtViT's attention backend is chosen automatically
-(`attention_backend=None`) unless `--backend` forces one, e.g. `--backend sdpa` for the mask path. On a GPU the
-rows are `CUDA_CASES` (batch sizes people train with, in bfloat16 autocast for both models), e.g.
-`python benchmarks/bench_speed.py --backend cuda_triton`.
+warm-up (who goes first alternates) and the ratio of the medians is reported, with the range of the per-repeat ratios
+(each LocAtViT run over the ViT run beside it): a row whose range is wide was measured while the machine's speed
+moved. Training memory is measured for each model in a fresh subprocess: peak RSS sampled during one training step
+minus the RSS just before it on CPU (`max_memory_allocated` minus the allocation before it on CUDA), so it counts
+activations, gradients and optimizer state, not the libraries; the median of five such subprocesses per model is
+reported (one on CUDA, where it does not vary). `--high-res` adds inference at 1024 and 2048 px and training at 1024
+px. LocAtViT's attention backend is chosen automatically (`attention_backend=None`) unless `--backend` forces one,
+e.g. `--backend sdpa` for the mask path. On a GPU the rows are `CUDA_CASES` (batch sizes people train with, in
+bfloat16 autocast for both models), e.g. `python benchmarks/bench_speed.py --backend cuda_triton`.
 
 On CPU, glibc returns large freed blocks to the system, and every reuse then pays a page fault per 4 KB: a sizeable,
 run-to-run varying share of both models' time on small machines. To measure without it (as with a caching allocator),
@@ -147,14 +148,18 @@ def time_ratio(size: str, pixels: int, batch: int, mode: str, repeats: int, atte
         step()
         step()
     times = {kind: [] for kind in steps}
-    for _ in range(repeats):  # interleaved, so drifts of the machine hit both
-        for kind, step in steps.items():
-            times[kind].append(timed(step))
+    for repeat in range(repeats):  # interleaved, so drifts of the machine hit both; who goes first alternates
+        for kind in ("locatvit", "vit") if repeat % 2 == 0 else ("vit", "locatvit"):
+            times[kind].append(timed(steps[kind]))
     medians = {kind: statistics.median(values) for kind, values in times.items()}
+    paired = [locatvit / vit for locatvit, vit in zip(times["locatvit"], times["vit"])]
     return {
         "locatvit_s": medians["locatvit"],
         "vit_s": medians["vit"],
         "ratio": medians["locatvit"] / medians["vit"],
+        "ratio_range": [min(paired), max(paired)],
+        "locatvit_times_s": times["locatvit"],
+        "vit_times_s": times["vit"],
     }
 
 
@@ -302,7 +307,7 @@ def main() -> None:
         machine = f"{torch.cuda.get_device_name()}, cuda"
     rows = []
     print(f"LocAtViT / ViT (transformers), sdpa, torch {torch.__version__}, {machine}")
-    print(f"{'measure':<34} {'LocAtViT':>10} {'ViT':>10} {'ratio':>7}")
+    print(f"{'measure':<34} {'LocAtViT':>10} {'ViT':>10} {'ratio':>7}  {'per repeat':>11}")
     for name, size, pixels, batch, mode, attention in cases:
         label = f"{name}, {size}, {pixels} px, batch {batch}" + ("" if attention == "auto" else f", {attention}")
         if args.only and not re.search(args.only, label):
@@ -310,8 +315,10 @@ def main() -> None:
         result = time_ratio(size, pixels, batch, mode, repeats, attention)
         rows.append({"measure": label, **result})
         save(args.json, machine, rows)
+        low, high = result["ratio_range"]
         print(
             f"{label:<34} {result['locatvit_s'] * 1e3:>8.1f}ms {result['vit_s'] * 1e3:>8.1f}ms {result['ratio']:>6.2f}x"
+            f"  {low:.2f}-{high:.2f}x"
         )
     # CUDA's allocator statistics are the same in every run; on CPU the resident set varies (`memory_ratio`).
     memory_runs = 1 if args.quick or DEVICE == "cuda" else 5
