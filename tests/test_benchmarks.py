@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -58,3 +60,25 @@ def test_accelerator_checks_pass_on_cpu(tmp_path):
     for check in checks:
         assert check["passed"] and check["logits"] <= 1e-4, check
         assert (", train," in check["check"]) == ("gradients" in check), check
+
+
+@pytest.mark.skipif(not (ROOT / ".git").exists(), reason="needs the project's git history")
+def test_bench_against_commit_runs_the_checkout_against_a_commit(tmp_path):
+    """HEAD's package, imported beside this checkout's under renamed operators (both kernels loaded), with the same
+    weights: the same code gives bitwise equal logits, and every row's ratio follows from its recorded runs."""
+    output = tmp_path / "against.json"
+    script = ROOT / "benchmarks" / "bench_against_commit.py"
+    command = [sys.executable, str(script), "HEAD", "--only", "tiny, 224", "--repeats", "3", "--json", str(output)]
+    completed = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=900)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    rows = json.loads(output.read_text())["results"]
+    assert [row["measure"] for row in rows] == [
+        "forward, tiny, 224 px, batch 16",
+        "train step, tiny, 224 px, batch 16",
+    ]
+    assert rows[0]["logits_difference"] == 0.0 and rows[1]["logits_difference"] is None
+    for row in rows:
+        paired = [current / earlier for current, earlier in zip(row["current_times_s"], row["reference_times_s"])]
+        assert len(paired) == 3 and row["ratio"] == statistics.median(paired)
+        low, high = row["ratio_interval"]
+        assert min(paired) <= low <= high <= max(paired)  # a bootstrap median is one of the runs' ratios
