@@ -1,7 +1,7 @@
 """The Triton kernel (`triton_attention_locatvit`) against `scaled_dot_product_attention`, on CUDA: time and peak memory.
 
     python benchmarks/bench_triton.py [--repeats 20] [--only REGEX] [--sweep] [--json PATH]
-    python benchmarks/bench_triton.py --compile-only [--arch 90 80]
+    python benchmarks/bench_triton.py --compile-only [--arch 90 80] [--dtype bfloat16 float16 float32] [--width 14 100]
 
 For each shape (ViT-Tiny at 224 px batch 256, 512 px batch 32, 1024 px batch 8, and ViT-Base at 224 px batch 64; head
 size 64, bfloat16, one CLS token), forward (without a gradient) and forward + backward are timed for:
@@ -18,7 +18,9 @@ attention: the kernel's output and gradients must be within twice the error of e
 small floor; the mask path's error is printed beside), else the run ends with status 1 after printing the table.
 
 `--sweep` times the kernel for several block sizes, warps and stages per pass, to choose `_config`. `--compile-only`
-needs no GPU: it compiles every kernel for the given architectures and prints registers and spilled bytes per thread.
+needs no GPU: it compiles every kernel for the given architectures, dtypes and grid widths and prints registers and
+spilled bytes per thread and shared memory per block (tests/test_triton_attention.py checks the released models'
+grid this way).
 On a machine without CUDA (and without `--compile-only`) the script says so and exits with status 1.
 """
 
@@ -209,8 +211,8 @@ def sweep(case, repeats: int) -> list[dict]:
         grad_output = torch.randn(batch, NUM_PREFIX + side * side, heads, HEAD_DIM, device=DEVICE, dtype=DTYPE)
         for config in configs:
 
-            def chosen(dim, backward, config=config, training=training):
-                return config if backward == training else default(dim, backward)
+            def chosen(dim, backward, dtype, config=config, training=training):
+                return config if backward == training else default(dim, backward, dtype)
 
             kernel_module._config = chosen
             try:
@@ -226,67 +228,78 @@ def sweep(case, repeats: int) -> list[dict]:
     return rows
 
 
-# --compile-only: registers and spills per kernel, without a GPU
+# --compile-only: registers, spills and shared memory per kernel, without a GPU
 
+KERNELS = ("forward_kernel", "delta_kernel", "key_value_grad_kernel", "query_grad_kernel")
 POINTERS_F32 = {"ROW", "COL", "LSE", "DELTA", "GROW", "GCOL", "PREFIX_GK", "PREFIX_GV"}
 POINTERS = POINTERS_F32 | {"Q", "K", "V", "OUT", "RESIDUAL", "GO", "GK", "GV", "GQ"}
+TRITON_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+# Shared memory one block may use (bytes, opt-in), as the devices report it: A100, A10/RTX 3090, L4/RTX 4090, H100/H200.
+SHARED_LIMITS = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 
 
-def compile_report(architectures: list[int]) -> list[dict]:
-    """Compiles each kernel for each architecture, for the shapes above (W = 14: 4 grid rows per block; 32: 2;
-    64: 1) and a segmented grid (W = 100), and reads registers and spilled bytes from the cubin."""
-    os.environ.pop("TRITON_INTERPRET", None)
+def compile_kernel(kernel_name: str, arch: int, dtype: torch.dtype, width: int) -> dict:
+    """Compiles one kernel for one architecture as a call with a square grid of side `width` (head size 64, one CLS
+    token) would, with `_config`'s blocks for `dtype`, and reads registers and spilled bytes per thread from the cubin
+    and shared memory per block from the compiler."""
     import triton
     from triton.backends.compiler import GPUTarget
 
     import locatvit_hf.triton_attention_locatvit as kernel_module
 
-    kernels = kernel_module._kernels()
+    backward = kernel_name != "forward_kernel"
+    block_m, block_n, warps, stages = kernel_module._config(HEAD_DIM, backward, dtype)
+    rows_per_block, splits, _, _ = kernel_module._layout(width, width, block_n)
+    constants = dict(
+        D=HEAD_DIM, NUM_PREFIX=NUM_PREFIX, ROWS=rows_per_block, SEGMENTED=splits > 1, IEEE=dtype == torch.float32,
+        STORE_RESIDUAL=dtype != torch.float32, HAS_RESIDUAL=dtype != torch.float32, INTERPRET=False,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=HEAD_DIM,
+    )  # fmt: skip
+    fn = getattr(kernel_module._kernels(), kernel_name)
+    signature, used = {}, {}
+    for arg in fn.arg_names:
+        if arg in constants:
+            signature[arg], used[arg] = "constexpr", constants[arg]
+        elif re.fullmatch(r"s\w*_d", arg):  # innermost strides: 1, as Triton specializes them
+            signature[arg], used[arg] = "constexpr", 1
+        elif arg in POINTERS:
+            signature[arg] = "*fp32" if arg in POINTERS_F32 else f"*{TRITON_TYPES[dtype]}"
+        else:
+            signature[arg] = "fp32" if arg in ("qk_scale", "scale") else "i32"
+    source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=used)
+    compiled = triton.compile(
+        source, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps, num_stages=stages)
+    )
     cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.TemporaryDirectory() as directory:
+        cubin = Path(directory) / "kernel.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        usage = subprocess.run([str(cuobjdump), "-res-usage", str(cubin)], capture_output=True, text=True).stdout
+    registers, stack = re.search(r"REG:(\d+)", usage), re.search(r"STACK:(\d+)", usage)
+    return dict(
+        arch=arch, dtype=str(dtype).removeprefix("torch."), width=width, kernel=kernel_name,
+        rows_per_block=rows_per_block, segments=splits, blocks=[block_m, block_n], warps=warps, stages=stages,
+        registers=int(registers.group(1)) if registers else None, spilled_bytes=int(stack.group(1)) if stack else None,
+        shared_bytes=compiled.metadata.shared, shared_limit=SHARED_LIMITS.get(arch),
+    )  # fmt: skip
+
+
+def compile_report(architectures: list[int], dtypes: list[torch.dtype], widths: list[int]) -> list[dict]:
+    """`compile_kernel` for every kernel, architecture, dtype and grid width (14: 4 grid rows per key block at 64
+    keys; 32: 2; 64: 1; 100: rows cut into segments), printed as it goes."""
+    os.environ.pop("TRITON_INTERPRET", None)  # compile, whatever the environment asked for
     rows = []
     for arch in architectures:
-        for width in (14, 32, 64, 100):
-            for kernel_name in ("forward_kernel", "delta_kernel", "key_value_grad_kernel", "query_grad_kernel"):
-                backward = kernel_name != "forward_kernel"
-                block_m, block_n, warps, stages = kernel_module._config(HEAD_DIM, backward)
-                rows_per_block, splits, _, _ = kernel_module._layout(width, width, block_n)
-                constants = dict(
-                    D=HEAD_DIM, NUM_PREFIX=NUM_PREFIX, ROWS=rows_per_block, SEGMENTED=splits > 1, IEEE=False,
-                    STORE_RESIDUAL=True, HAS_RESIDUAL=True, INTERPRET=False, BLOCK_M=block_m, BLOCK_N=block_n,
-                    BLOCK_D=HEAD_DIM,
-                )  # fmt: skip
-                fn = getattr(kernels, kernel_name)
-                signature, used = {}, {}
-                for arg in fn.arg_names:
-                    if arg in constants:
-                        signature[arg], used[arg] = "constexpr", constants[arg]
-                    elif re.fullmatch(r"s\w*_d", arg):  # innermost strides: 1, as Triton specializes them
-                        signature[arg], used[arg] = "constexpr", 1
-                    elif arg in POINTERS:
-                        signature[arg] = "*fp32" if arg in POINTERS_F32 else "*bf16"
-                    else:
-                        signature[arg] = "fp32" if arg in ("qk_scale", "scale") else "i32"
-                source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=used)
-                options = dict(num_warps=warps, num_stages=stages)
-                compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
-                with tempfile.TemporaryDirectory() as directory:
-                    cubin = Path(directory) / "kernel.cubin"
-                    cubin.write_bytes(compiled.asm["cubin"])
-                    command = [str(cuobjdump), "-res-usage", str(cubin)]
-                    usage = subprocess.run(command, capture_output=True, text=True)
-                registers = re.search(r"REG:(\d+)", usage.stdout)
-                stack = re.search(r"STACK:(\d+)", usage.stdout)
-                row = dict(
-                    arch=arch, width=width, kernel=kernel_name, rows_per_block=rows_per_block, segments=splits,
-                    registers=int(registers.group(1)) if registers else None,
-                    spilled_bytes=int(stack.group(1)) if stack else None, shared_bytes=compiled.metadata.shared,
-                )  # fmt: skip
-                rows.append(row)
-                print(
-                    f"sm_{arch} W={width:3d} {kernel_name:22s} rows/block {rows_per_block} segments {splits}: "
-                    f"{row['registers']} registers, {row['spilled_bytes']} bytes spilled, "
-                    f"{row['shared_bytes']} bytes shared"
-                )
+        for dtype in dtypes:
+            for width in widths:
+                for kernel_name in KERNELS:
+                    row = compile_kernel(kernel_name, arch, dtype, width)
+                    rows.append(row)
+                    print(
+                        f"sm_{arch} {row['dtype']:8s} W={width:3d} {kernel_name:22s} blocks {row['blocks']} "
+                        f"rows/block {row['rows_per_block']} segments {row['segments']}: {row['registers']} "
+                        f"registers, {row['spilled_bytes']} bytes spilled, {row['shared_bytes']} bytes shared"
+                    )
     return rows
 
 
@@ -297,12 +310,20 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="also time the kernel's block sizes, warps and stages")
     parser.add_argument("--compile-only", action="store_true", help="registers and spills per kernel; no GPU needed")
     parser.add_argument("--arch", type=int, nargs="+", default=[90, 80], help="architectures for --compile-only")
+    parser.add_argument(
+        "--dtype",
+        nargs="+",
+        default=["bfloat16"],
+        choices=["bfloat16", "float16", "float32"],
+        help="for --compile-only",
+    )
+    parser.add_argument("--width", type=int, nargs="+", default=[14, 32, 64, 100], help="grid widths, --compile-only")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
     results: dict = {"torch": torch.__version__}
     torch.manual_seed(0)
     if args.compile_only:
-        results["compile"] = compile_report(args.arch)
+        results["compile"] = compile_report(args.arch, [getattr(torch, name) for name in args.dtype], args.width)
     else:
         if not torch.cuda.is_available():
             sys.exit("bench_triton.py measures CUDA kernels and found no CUDA device; nothing was measured.")

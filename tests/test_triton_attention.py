@@ -10,6 +10,7 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are first wrapped: before any call below
 
+import json  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -215,3 +216,27 @@ print("ok")
     environment = {**os.environ, "TRITON_INTERPRET": "0"}
     completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=environment)
     assert completed.returncode == 0 and completed.stdout.strip() == "ok", completed.stderr[-3000:]
+
+
+def test_kernels_compile_for_ampere_and_hopper_within_their_resources(tmp_path):
+    """Every kernel, in each dtype, compiled for sm_80 and sm_90 by Triton's own compiler and `ptxas` (no GPU needed,
+    `benchmarks/bench_triton.py --compile-only`), at the released models' grid (14 x 14, a CLS token, head size 64)
+    and at a grid whose rows are cut into segments: each fits the device's shared memory per block, and in bfloat16
+    and float16 at the released grid none spills registers (what `_config`'s blocks were chosen for). The interpreter
+    tests above check the numbers; this checks that the same kernels build for real GPUs."""
+    output = tmp_path / "compile.json"
+    command = [
+        sys.executable, str(MODULE_PATH.parents[2] / "benchmarks" / "bench_triton.py"), "--compile-only",
+        "--arch", "80", "90", "--dtype", "bfloat16", "float16", "float32", "--width", "14", "100", "--json", str(output),
+    ]  # fmt: skip
+    environment = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    completed = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=900)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    rows = json.loads(output.read_text())["compile"]
+    assert len(rows) == 2 * 3 * 2 * 4
+    for row in rows:
+        assert row["registers"] is not None and row["spilled_bytes"] is not None, row
+        assert 0 < row["shared_bytes"] <= row["shared_limit"], row
+        assert (row["rows_per_block"], row["segments"]) == ((4, 1) if row["width"] == 14 else (1, 2)), row
+        if row["width"] == 14 and row["dtype"] != "float32":
+            assert row["spilled_bytes"] == 0, row

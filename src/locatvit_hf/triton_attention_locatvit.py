@@ -536,12 +536,16 @@ def _kernels() -> SimpleNamespace:
 # Launch configuration
 
 
-def _config(dim: int, backward: bool) -> tuple[int, int, int, int]:
+def _config(dim: int, backward: bool, dtype: torch.dtype) -> tuple[int, int, int, int]:
     """(queries per block, keys per block, warps, pipeline stages). Chosen without a GPU to time them, from what
-    compiles without register spills for sm_90 at head size 64 (`benchmarks/bench_triton.py --sweep` compares block
-    sizes on a GPU): 8 warps, and 32 queries per block in the backward passes, which hold the most tiles."""
+    compiles with the fewest register spills for sm_90 at head size 64 (`benchmarks/bench_triton.py --compile-only`;
+    `--sweep` compares block sizes on a GPU): 8 warps, 64 x 64 blocks in bfloat16 and float16 forward, and 32 queries
+    per block in their backward passes, which hold the most tiles. Float32, whose exact products run on CUDA cores
+    with tiles twice the size, takes half the queries per block (at 64 / 32 it spills ~800 bytes a thread)."""
     if FORCED_BLOCKS is not None:
         block_m, block_n = FORCED_BLOCKS
+    elif dtype == torch.float32:
+        block_m, block_n = (16, 64) if backward else (32, 64)
     else:
         block_m, block_n = (32, 64) if backward else (64, 64)
     return block_m, block_n, 8, 2
@@ -613,7 +617,7 @@ def _common(query, row, col, num_prefix: int, backward: bool) -> SimpleNamespace
     """Launch parameters shared by the kernels of one call."""
     batch, heads, seq_len, dim = query.shape
     height, width = row.shape[-1], col.shape[-1]
-    block_m, block_n, warps, stages = _config(dim, backward)
+    block_m, block_n, warps, stages = _config(dim, backward, query.dtype)
     rows, splits, segment, groups = _layout(height, width, block_n)
     return SimpleNamespace(
         batch=batch, heads=heads, seq_len=seq_len, dim=dim, height=height, width=width,
