@@ -79,15 +79,7 @@ def logits_difference(pair: dict, pixels: int) -> float:
 
 def compare(pair: dict, pixels: int, batch: int, mode: str, repeats: int, rng: random.Random) -> dict:
     steps = {kind: bench_speed.make_step(model, pixels, batch, mode) for kind, model in pair.items()}
-    for step in steps.values():  # warm-up
-        step()
-        step()
-    times = {kind: [] for kind in steps}
-    for _ in range(repeats):
-        order = list(steps)
-        rng.shuffle(order)
-        for kind in order:
-            times[kind].append(bench_speed.timed(steps[kind]))
+    times = bench_speed.interleaved_times(steps, repeats, lambda _: rng.sample(list(steps), len(steps)))
     paired = [current / earlier for current, earlier in zip(times["current"], times["reference"])]
     medians = sorted(statistics.median(rng.choices(paired, k=len(paired))) for _ in range(2000))
     return {

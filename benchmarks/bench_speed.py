@@ -140,17 +140,24 @@ def timed(step) -> float:
     return time.perf_counter() - start
 
 
+def interleaved_times(steps: dict[str, Callable], repeats: int, order: Callable[[int], list]) -> dict[str, list]:
+    """Every step's time in each repeat, after two warm-up calls each. The steps take turns within a repeat, so that
+    drifts of the machine hit all of them; `order(repeat)` says in which order."""
+    for step in steps.values():
+        step()
+        step()
+    times = {kind: [] for kind in steps}
+    for repeat in range(repeats):
+        for kind in order(repeat):
+            times[kind].append(timed(steps[kind]))
+    return times
+
+
 def time_ratio(size: str, pixels: int, batch: int, mode: str, repeats: int, attention: str = "auto") -> dict:
     steps = {
         kind: make_step(build(kind, size, attention=attention), pixels, batch, mode) for kind in ("locatvit", "vit")
     }
-    for step in steps.values():  # warm-up
-        step()
-        step()
-    times = {kind: [] for kind in steps}
-    for repeat in range(repeats):  # interleaved, so drifts of the machine hit both; who goes first alternates
-        for kind in ("locatvit", "vit") if repeat % 2 == 0 else ("vit", "locatvit"):
-            times[kind].append(timed(steps[kind]))
+    times = interleaved_times(steps, repeats, lambda repeat: list(steps)[:: 1 if repeat % 2 == 0 else -1])
     medians = {kind: statistics.median(values) for kind, values in times.items()}
     paired = [locatvit / vit for locatvit, vit in zip(times["locatvit"], times["vit"])]
     return {
