@@ -43,6 +43,23 @@ def tiny_config(**overrides) -> LocAtViTConfig:
     return LocAtViTConfig(**kwargs)
 
 
+def compile_recording_graphs(model: torch.nn.Module) -> tuple[torch.nn.Module, list[set[str]]]:
+    """`torch.compile(model, fullgraph=True)` through AOT autograd, run as traced, and the list that each compiled
+    graph (forward, then backward) appends the targets of its calls to."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = []
+
+    def record(graph_module, example_inputs):
+        graphs.append({str(node.target) for node in graph_module.graph.nodes if node.op == "call_function"})
+        return make_boxed_func(graph_module.forward)
+
+    torch._dynamo.reset()
+    backend = aot_autograd(fw_compiler=record, bw_compiler=record)
+    return torch.compile(model, fullgraph=True, backend=backend), graphs
+
+
 def parameter_digest(model: torch.nn.Module) -> str:
     """SHA-256 of every tensor of the state dict (name, dtype, shape and bytes): equal digests = identical weights."""
     digest = hashlib.sha256()

@@ -12,7 +12,7 @@ import torch
 import locatvit_hf.attention_locatvit as attention
 from locatvit_hf import LocAtViTForImageClassification, LocAtViTForSemanticSegmentation
 
-from .conftest import assert_same_training_step, tiny_config
+from .conftest import assert_same_training_step, compile_recording_graphs, tiny_config
 
 BACKENDS = sorted(attention.BACKENDS)
 
@@ -144,18 +144,8 @@ def test_compiled_model_keeps_the_fused_operator():
     and backward graphs (not dropped for another path), with the eager model's loss and gradients."""
     if attention.fused_cpu_attention() is None:
         pytest.skip("the fused CPU kernel is not built here")
-    from functorch.compile import make_boxed_func
-    from torch._dynamo.backends.common import aot_autograd
-
-    graphs = []
-
-    def record(graph_module, example_inputs):
-        graphs.append({str(node.target) for node in graph_module.graph.nodes if node.op == "call_function"})
-        return make_boxed_func(graph_module.forward)
-
-    torch._dynamo.reset()
     model = LocAtViTForImageClassification(tiny_config()).train()
-    compiled = torch.compile(model, fullgraph=True, backend=aot_autograd(fw_compiler=record, bw_compiler=record))
+    compiled, graphs = compile_recording_graphs(model)
     x, labels = torch.randn(2, 3, 32, 32), torch.randint(0, 5, (2,))
     compiled(x, labels=labels).loss.backward()
     forward, backward = graphs

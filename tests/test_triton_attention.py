@@ -21,7 +21,10 @@ import torch  # noqa: E402
 pytest.importorskip("triton", reason="the Triton kernel's tests need the `triton` package")
 
 import locatvit_hf.triton_attention_locatvit as triton_attention  # noqa: E402
+from locatvit_hf import LocAtViTForSemanticSegmentation  # noqa: E402
 from locatvit_hf.attention_locatvit import eager_attention, full_bias  # noqa: E402
+
+from .conftest import assert_gradients_close, compile_recording_graphs, tiny_config  # noqa: E402
 
 MODULE_PATH = Path(triton_attention.__file__)
 
@@ -180,6 +183,27 @@ def test_gradient_of_a_sum(blocks):
     reference.sum().backward()
     for name, actual, expected in zip(NAMES[1:], inputs, reference_inputs):
         torch.testing.assert_close(actual.grad.double(), expected.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_compiled_model_traces_the_kernel_as_operators():
+    """`torch.compile(fullgraph=True)` of a training step of a model on `cuda_triton` (a non-square grid, not the
+    configured one): the forward graph calls the kernel's operator and the backward graph its backward operator, and
+    the loss and every parameter's gradient equal the eager model's."""
+    config = tiny_config(attention_backend="cuda_triton")
+    model = LocAtViTForSemanticSegmentation(config).train()
+    reference = LocAtViTForSemanticSegmentation(tiny_config(attention_backend="eager")).train()
+    reference.load_state_dict(model.state_dict())
+    compiled, graphs = compile_recording_graphs(model)
+    pixel_values, labels = torch.randn(2, 3, 40, 24), torch.randint(0, config.num_labels, (2, 40, 24))
+    losses = []
+    for step in (compiled, reference):
+        losses.append(step(pixel_values, labels=labels, interpolate_pos_encoding=True).loss)
+        losses[-1].backward()
+    torch.testing.assert_close(*losses)
+    assert_gradients_close(model, reference)
+    forward, backward = graphs
+    assert "locatvit.triton_gaussian_attention.default" in forward
+    assert "locatvit.triton_gaussian_attention_backward.default" in backward
 
 
 def test_bad_inputs_raise_clear_errors():

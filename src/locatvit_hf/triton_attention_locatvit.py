@@ -64,6 +64,7 @@ tl = None
 _LOG2E = _LN2 = _SUM = _MAX = None
 
 
+@torch.compiler.assume_constant_result  # asked by traced code (a forced backend): a constant, not a graph break
 def interpreting() -> bool:
     """Whether Triton runs its interpreter (`TRITON_INTERPRET`), as Triton itself reads the variable."""
     try:
@@ -83,6 +84,7 @@ def _triton_importable() -> bool:
     return True
 
 
+@torch.compiler.assume_constant_result
 def triton_available() -> bool:
     """Whether the kernel can run here: Triton is importable, and there is a CUDA device or the interpreter is on."""
     return _triton_importable() and (torch.cuda.is_available() or interpreting())
