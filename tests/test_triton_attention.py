@@ -2,9 +2,11 @@
 CPU tensors: the output and the gradients of query, key, value and both profiles, for every way its key blocks can
 cover a grid (several rows per block, one row with unused lanes, row segments), with and without the CLS token, and
 partial blocks. Float32 is checked tightly; bfloat16 and float16 within twice the eager reference's own error in that
-dtype. Its custom operators pass `torch.library.opcheck`, and the module imports and explains itself without Triton.
+dtype. Its custom operators pass `torch.library.opcheck` and trace under `torch.compile(fullgraph=True)`, the module
+imports and explains itself without Triton, and every kernel compiles for sm_80 and sm_90 within their resources.
 
-Small blocks (`FORCED_BLOCKS`) make tiny grids span several blocks; the interpreter runs each program in Python."""
+Small blocks (`FORCED_BLOCKS`) make tiny grids span several blocks; the released models' 14 x 14 grid runs with the
+blocks a GPU gets. The interpreter runs each program in Python."""
 
 import os
 
@@ -98,6 +100,7 @@ FLOAT32_CASES = [
     pytest.param(1, 2, (1, 6), 16, 0, (16, 16), id="one-grid-row"),
     pytest.param(1, 1, (6, 1), 16, 1, (16, 16), id="one-grid-column"),
     pytest.param(2, 1, (5, 2), 64, 1, None, id="default-blocks-D64"),
+    pytest.param(1, 2, (14, 14), 64, 1, None, id="released-grid-default-blocks"),
     pytest.param(1, 1, (7, 3), 16, 1, (32, 16), id="5-rows-per-block-more-queries-than-keys-per-block"),
     pytest.param(1, 1, (4, 9), 16, 0, (16, 32), id="3-rows-per-block-more-keys-than-queries-per-block"),
 ]
@@ -116,18 +119,20 @@ def test_float32_matches_float64_reference(blocks, batch, heads, grid, dim, num_
 
 
 @pytest.mark.parametrize(
-    "dtype, batch, heads, grid, dim, num_prefix",
+    "dtype, batch, heads, grid, dim, num_prefix, sizes",
     [
-        pytest.param(torch.bfloat16, 2, 2, (3, 5), 16, 1, id="bfloat16-rows"),
-        pytest.param(torch.bfloat16, 1, 1, (2, 20), 64, 0, id="bfloat16-segments-D64"),
-        pytest.param(torch.float16, 1, 1, (5, 6), 24, 1, id="float16-D24"),
+        pytest.param(torch.bfloat16, 2, 2, (3, 5), 16, 1, (16, 16), id="bfloat16-rows"),
+        pytest.param(torch.bfloat16, 1, 1, (2, 20), 64, 0, (16, 16), id="bfloat16-segments-D64"),
+        pytest.param(torch.float16, 1, 1, (5, 6), 24, 1, (16, 16), id="float16-D24"),
+        pytest.param(torch.bfloat16, 1, 2, (14, 14), 64, 1, None, id="bfloat16-released-grid-default-blocks"),
     ],
 )
-def test_low_precision_within_eager_error(blocks, dtype, batch, heads, grid, dim, num_prefix):
+def test_low_precision_within_eager_error(blocks, dtype, batch, heads, grid, dim, num_prefix, sizes):
     """The kernel rounds its inputs and its probabilities (to multiply them with V) like eager attention in that
     dtype, and keeps scores, softmax and accumulators in float32: its error is at most twice eager's, plus a floor of
-    a tenth of the dtype's resolution of the values."""
-    blocks((16, 16))
+    a tenth of the dtype's resolution of the values. The last case is a released model's layer at 224 px with the
+    blocks `_config` gives on a GPU."""
+    blocks(sizes)
     inputs = attention_inputs(batch, heads, grid, dim, num_prefix, dtype)
     kernel, eager, reference = run_all(inputs, dim**-0.5, num_prefix)
     resolution = torch.finfo(dtype).eps
