@@ -362,3 +362,46 @@ def test_chunk_views_write_through(monkeypatch, slab_bytes):
     for index, chunk in enumerate(chunks):
         expected[chunk] = index + 1
     assert len(chunks) > 1 and (target > 0).all() and torch.equal(target, expected)
+
+
+@pytest.mark.parametrize("image_size", [32, 256], ids=["per-query", "pooled-queries"])
+def test_autocast_training_keeps_no_float32_copy_of_the_queries(image_size, monkeypatch):
+    """Under bfloat16 autocast the variance and strength maps run in float32 on bfloat16 queries; for backward the
+    Gaussian keeps those queries as they are (the attention keeps them anyway), not a float32 copy twice their
+    size, and every gradient is that of autograd through the float32 product."""
+    from locatvit_hf import LocAtViTModel
+
+    config = tiny_config(image_size=image_size, num_hidden_layers=1)
+    model = LocAtViTModel(config).train()
+    module = model.encoder.layers[0].attention.gaussian_bias
+    inside, saved = [], []
+    module.register_forward_pre_hook(lambda *args: inside.append(True))
+    module.register_forward_hook(lambda *args: inside.clear())
+
+    def pack(tensor):
+        if inside:
+            saved.append(tensor)
+        return tensor
+
+    def training_step():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            output = model(pixel_values).last_hidden_state
+        output.float().square().sum().backward()
+        grads = [parameter.grad.clone() for parameter in model.parameters()]
+        model.zero_grad()
+        return output, grads
+
+    pixel_values = torch.randn(2, 3, image_size, image_size)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        output, grads = training_step()
+    query_size = output.numel()  # tokens x hidden size = tokens x heads x head size
+    assert saved and not [t.shape for t in saved if t.dtype == torch.float32 and t.numel() >= query_size]
+
+    def float32_product(tokens, weight, bias):
+        return torch.addmm(bias[:, None], weight, tokens.to(weight.dtype).t())
+
+    monkeypatch.setattr(attention.Float32Projection, "apply", float32_product)
+    reference_output, reference_grads = training_step()
+    torch.testing.assert_close(output, reference_output, rtol=0, atol=0)
+    for grad, expected in zip(grads, reference_grads):
+        torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-7)

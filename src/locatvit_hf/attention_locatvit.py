@@ -87,6 +87,27 @@ class FlushedProfiles(torch.autograd.Function):
         return grad, None, None
 
 
+class Float32Projection(torch.autograd.Function):
+    """bias + weight @ tokens^T in float32 for (rows, dim) tokens in a lower precision (`LocAtViTGaussianBias`'s
+    statistics under autocast), keeping the tokens themselves for backward, which the attention keeps anyway.
+    Autograd through `tokens.float()` would keep their float32 copy: per layer twice the queries' size, as much as
+    the profiles at 512 px."""
+
+    @staticmethod
+    def forward(ctx, tokens: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(tokens, weight)
+        return torch.addmm(bias[:, None], weight, tokens.t().to(weight.dtype))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        tokens, weight = ctx.saved_tensors
+        grad_tokens = (grad.t() @ weight).to(tokens.dtype) if ctx.needs_input_grad[0] else None
+        grad_weight = grad @ tokens.to(grad.dtype) if ctx.needs_input_grad[1] else None
+        grad_bias = grad.sum(1) if ctx.needs_input_grad[2] else None
+        return grad_tokens, grad_weight, grad_bias
+
+
 @functools.lru_cache(maxsize=16)
 def grid_distance_table(
     side: int, floor: float, scale: float, dtype: torch.dtype, device: torch.device

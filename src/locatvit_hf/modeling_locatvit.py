@@ -30,6 +30,7 @@ from .attention_locatvit import (
     NUM_PREFIX_TOKENS,
     PROFILE_FLOOR,
     BiasWorkspace,
+    Float32Projection,
     FlushedProfiles,
     exported_profiles,
     flushed_exp,
@@ -175,8 +176,11 @@ class LocAtViTGaussianBias(nn.Module):
             weight = torch.cat((self.variance_proj.weight, self.strength_proj.weight)).to(dtype)
             bias = torch.cat((self.variance_proj.bias - self.variance_shift, self.strength_proj.bias)).to(dtype)
             batch, heads, tokens, head_dim = queries.shape
-            token_major = queries.transpose(1, 2).reshape(-1, head_dim).to(dtype)
-            projected = torch.addmm(bias[:, None], weight, token_major.t())
+            token_major = queries.transpose(1, 2).reshape(-1, head_dim)
+            if token_major.dtype != dtype and torch.is_grad_enabled() and not traced():
+                projected = Float32Projection.apply(token_major, weight, bias)
+            else:
+                projected = torch.addmm(bias[:, None], weight, token_major.to(dtype).t())
         return projected.view(3, batch, tokens, heads).permute(1, 3, 0, 2)
 
     def variance_and_strength(self, queries: torch.Tensor, grid_size: tuple[int, int]):
