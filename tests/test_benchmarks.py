@@ -82,3 +82,19 @@ def test_bench_against_commit_runs_the_checkout_against_a_commit(tmp_path):
         assert len(paired) == 3 and row["ratio"] == statistics.median(paired)
         low, high = row["ratio_interval"]
         assert min(paired) <= low <= high <= max(paired)  # a bootstrap median is one of the runs' ratios
+
+
+def test_bench_saved_activations_counts_one_layer(tmp_path):
+    """The per-layer accounting of what a training step keeps for backward runs (Triton's interpreter, 64 px): each
+    row's totals are the sums of its lines, the Triton operator is among LocAtViT's, and LocAtViT keeps more than the
+    ViT (its profiles) but less than twice."""
+    output = tmp_path / "saved.json"
+    script = ROOT / "benchmarks" / "bench_saved_activations.py"
+    command = [sys.executable, str(script), "--pixels", "64", "--json", str(output)]
+    completed = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    (row,) = json.loads(output.read_text())["results"]
+    assert row["locatvit_bytes"] == sum(row["locatvit_by_line"].values())
+    assert row["vit_bytes"] == sum(row["vit_by_line"].values())
+    assert any("_OPERATORS.forward" in line for line in row["locatvit_by_line"])
+    assert 1 < row["ratio"] == row["locatvit_bytes"] / row["vit_bytes"] < 2

@@ -1,0 +1,102 @@
+"""What one layer of a training step keeps for backward, LocAtViT against transformers' ViT of the same size.
+
+    python benchmarks/bench_saved_activations.py [--backend cuda_triton] [--pixels 224 512] [--json PATH]
+
+The activations kept for backward are the part of training memory that grows with batch and resolution; on a GPU,
+where the ViT's flash attention keeps nothing N x N, they are most of what `max_memory_allocated` grows by in a step.
+This counts them on any machine: both models' forward passes run in bfloat16 autocast (as people train on GPUs) on
+CPU, and every tensor autograd keeps is counted once per storage, under the line of model code that first kept it
+(weights count too: autocast's bfloat16 copies). A layer's share is the difference between a two-layer and a one-layer model (the embeddings, the head and
+LocAtViT's parameter-free refinement are in both). transformers' ViT with `sdpa` on CPU keeps what flash attention
+keeps on a GPU (output and log-sum-exp). LocAtViT's backend is forced with `--backend` (default `cuda_triton`, run on
+CPU by Triton's interpreter, which this script turns on: slow at 512 px, but it keeps what it keeps on a GPU).
+"""
+
+import argparse
+import json
+import os
+import traceback
+from collections import Counter
+from pathlib import Path
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before the Triton kernel's first call
+
+import torch  # noqa: E402
+from transformers import ViTConfig, ViTForImageClassification  # noqa: E402
+
+from locatvit_hf import LocAtViTConfig, LocAtViTForImageClassification  # noqa: E402
+
+PACKAGES = ("locatvit_hf", "transformers/models/vit")
+
+
+def build(kind: str, layers: int, backend: str):
+    config = LocAtViTConfig.from_preset("tiny", num_labels=10, num_hidden_layers=layers, attention_backend=backend)
+    if kind == "locatvit":
+        return LocAtViTForImageClassification._from_config(config, attn_implementation="sdpa").train()
+    vit_config = ViTConfig(
+        hidden_size=config.hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=config.num_attention_heads,
+        intermediate_size=config.intermediate_size,
+        num_labels=10,
+    )
+    return ViTForImageClassification._from_config(vit_config, attn_implementation="sdpa").train()
+
+
+def kept_for_backward(model, pixels: int) -> Counter:
+    """Bytes of the storages autograd keeps in one forward pass, by the model code line that kept them."""
+    storages = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in storages:
+            frames = [frame for frame in traceback.extract_stack() if any(p in frame.filename for p in PACKAGES)]
+            where = f"{Path(frames[-1].filename).name}: {frames[-1].line}" if frames else "elsewhere"
+            storages[storage.data_ptr()] = (where, storage.nbytes())
+        return tensor
+
+    pixel_values = torch.randn(1, 3, pixels, pixels)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(pixel_values, interpolate_pos_encoding=True)
+    kept = Counter()
+    for where, size in storages.values():
+        kept[where] += size
+    return kept
+
+
+def per_layer(kind: str, pixels: int, backend: str) -> Counter:
+    torch.manual_seed(0)
+    two, one = (kept_for_backward(build(kind, layers, backend), pixels) for layers in (2, 1))
+    two.subtract(one)
+    return +two  # drops lines kept only outside the layers
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backend", default="cuda_triton", help="LocAtViT's attention backend (forced)")
+    parser.add_argument("--pixels", type=int, nargs="+", default=[224, 512])
+    parser.add_argument("--json", help="write the rows here")
+    args = parser.parse_args()
+    rows = []
+    for pixels in args.pixels:
+        vit, locatvit = (per_layer(kind, pixels, args.backend) for kind in ("vit", "locatvit"))
+        total_vit, total_locatvit = sum(vit.values()), sum(locatvit.values())
+        row = dict(
+            pixels=pixels, backend=args.backend, vit_bytes=total_vit, locatvit_bytes=total_locatvit,
+            ratio=total_locatvit / total_vit, locatvit_by_line=dict(locatvit.most_common()),
+            vit_by_line=dict(vit.most_common()),
+        )  # fmt: skip
+        rows.append(row)
+        print(
+            f"{pixels} px, batch 1, Tiny, one layer: LocAtViT ({args.backend}) {total_locatvit / 2**20:.2f} MiB, "
+            f"ViT {total_vit / 2**20:.2f} MiB, ratio {row['ratio']:.3f}"
+        )
+        for where, size in locatvit.most_common():
+            print(f"    {size / 2**10:8.0f} KiB  {where}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"torch": torch.__version__, "results": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
