@@ -17,9 +17,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import bench_speed
 import onnxruntime
 import torch
-from transformers import ViTConfig, ViTForImageClassification
+from transformers import ViTForImageClassification
 
 from locatvit_hf import LocAtViTConfig, LocAtViTForImageClassification
 
@@ -28,16 +29,7 @@ def build(kind: str, size: str, pixels: int) -> torch.nn.Module:
     config = LocAtViTConfig.from_preset(size, num_labels=1000, image_size=pixels)
     if kind == "locatvit":
         return LocAtViTForImageClassification(config).eval()
-    vit_config = ViTConfig(
-        hidden_size=config.hidden_size,
-        num_hidden_layers=config.num_hidden_layers,
-        num_attention_heads=config.num_attention_heads,
-        intermediate_size=config.intermediate_size,
-        image_size=pixels,
-        patch_size=16,
-        layer_norm_eps=1e-6,
-        num_labels=1000,
-    )
+    vit_config = bench_speed.vit_config_like(config, image_size=pixels)
     return ViTForImageClassification._from_config(vit_config, attn_implementation="sdpa").eval()
 
 

@@ -21,8 +21,9 @@ from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before the Triton kernel's first call
 
+import bench_speed  # noqa: E402
 import torch  # noqa: E402
-from transformers import ViTConfig, ViTForImageClassification  # noqa: E402
+from transformers import ViTForImageClassification  # noqa: E402
 
 from locatvit_hf import LocAtViTConfig, LocAtViTForImageClassification  # noqa: E402
 
@@ -33,13 +34,7 @@ def build(kind: str, layers: int, backend: str):
     config = LocAtViTConfig.from_preset("tiny", num_labels=10, num_hidden_layers=layers, attention_backend=backend)
     if kind == "locatvit":
         return LocAtViTForImageClassification._from_config(config, attn_implementation="sdpa").train()
-    vit_config = ViTConfig(
-        hidden_size=config.hidden_size,
-        num_hidden_layers=layers,
-        num_attention_heads=config.num_attention_heads,
-        intermediate_size=config.intermediate_size,
-        num_labels=10,
-    )
+    vit_config = bench_speed.vit_config_like(config)
     return ViTForImageClassification._from_config(vit_config, attn_implementation="sdpa").train()
 
 

@@ -76,21 +76,25 @@ def high_res_cases() -> tuple[list, list]:
     return cases, [("tiny", 1024, 1, "auto")]
 
 
+def vit_config_like(config: LocAtViTConfig, image_size: int = 224) -> ViTConfig:
+    """transformers' ViT of the size of `config`: hidden size, depth, heads, MLP width, patch 16, labels."""
+    return ViTConfig(
+        hidden_size=config.hidden_size,
+        num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads,
+        intermediate_size=config.intermediate_size,
+        image_size=image_size,
+        patch_size=16,
+        layer_norm_eps=1e-6,
+        num_labels=config.num_labels,
+    )
+
+
 def build(kind: str, size: str, gradient_checkpointing: bool = False, attention: str = "auto"):
     backend = None if attention == "auto" else attention
     config = LocAtViTConfig.from_preset(size, num_labels=1000, attention_backend=backend)
     if kind == "vit":
-        vit_config = ViTConfig(
-            hidden_size=config.hidden_size,
-            num_hidden_layers=config.num_hidden_layers,
-            num_attention_heads=config.num_attention_heads,
-            intermediate_size=config.intermediate_size,
-            image_size=224,
-            patch_size=16,
-            layer_norm_eps=1e-6,
-            num_labels=1000,
-        )
-        model = ViTForImageClassification._from_config(vit_config, attn_implementation="sdpa")
+        model = ViTForImageClassification._from_config(vit_config_like(config), attn_implementation="sdpa")
     else:
         model = LocAtViTForImageClassification._from_config(config, attn_implementation="sdpa")
     if gradient_checkpointing:
