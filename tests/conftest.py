@@ -96,12 +96,12 @@ def assert_gradients_close(actual: torch.nn.Module, expected: torch.nn.Module, r
 
 
 def assert_same_training_step(actual: torch.nn.Module, expected: torch.nn.Module, pixel_values, labels) -> None:
-    """One loss and backward pass of each model (same weights, different attention paths): equal losses and
-    parameter gradients (`assert_gradients_close`)."""
+    """One loss and backward pass of each model (same weights, different attention paths; `actual` may be the
+    `torch.compile` wrapper of a model): equal losses and parameter gradients (`assert_gradients_close`)."""
     losses = []
     for model in (actual, expected):
         loss = model(pixel_values, labels=labels, interpolate_pos_encoding=True).loss
         loss.backward()
         losses.append(loss.detach())
     torch.testing.assert_close(losses[0], losses[1])
-    assert_gradients_close(actual, expected)
+    assert_gradients_close(getattr(actual, "_orig_mod", actual), expected)
