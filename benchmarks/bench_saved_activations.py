@@ -5,8 +5,9 @@
 The activations kept for backward are the part of training memory that grows with batch and resolution; on a GPU,
 where the ViT's flash attention keeps nothing N x N, they are most of what `max_memory_allocated` grows by in a step.
 This counts them on any machine: both models' forward passes run in bfloat16 autocast (as people train on GPUs) on
-CPU, and every tensor autograd keeps is counted once per storage, under the line of model code that first kept it
-(weights count too: autocast's bfloat16 copies). A layer's share is the difference between a two-layer and a
+CPU, and every storage an operator made that is still alive after the forward pass (kept by autograd or by selective
+checkpointing) is counted once, under the line of model code that made it (weights count too: autocast's bfloat16
+copies). A layer's share is the difference between a two-layer and a
 one-layer model (the embeddings, the head and LocAtViT's parameter-free refinement are in both). transformers' ViT with `sdpa` on CPU keeps what flash attention
 keeps on a GPU (output and log-sum-exp). LocAtViT's backend is forced with `--backend` (default `cuda_triton`, run on
 CPU by Triton's interpreter, which this script turns on: slow at 512 px, but it keeps what it keeps on a GPU).
@@ -23,6 +24,9 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before the Triton kernel's fir
 
 import bench_speed  # noqa: E402
 import torch  # noqa: E402
+from torch.multiprocessing.reductions import StorageWeakRef  # noqa: E402
+from torch.utils import _pytree as pytree  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from transformers import ViTForImageClassification  # noqa: E402
 
 from locatvit_hf import LocAtViTConfig, LocAtViTForImageClassification  # noqa: E402
@@ -38,25 +42,50 @@ def build(kind: str, layers: int, backend: str):
     return ViTForImageClassification._from_config(vit_config, attn_implementation="sdpa").train()
 
 
+class AllocationRecorder(TorchDispatchMode):
+    """Records every storage an operator returns (once, by a weak reference), with the model code line that ran it."""
+
+    def __init__(self):
+        super().__init__()
+        self.storages: dict[int, tuple[StorageWeakRef, str, int]] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        for tensor in pytree.tree_leaves(result):
+            if isinstance(tensor, torch.Tensor):
+                storage = tensor.untyped_storage()
+                known = self.storages.get(storage.data_ptr())
+                if known is None or known[0].expired():  # an address freed and given out again is a new storage
+                    self.storages[storage.data_ptr()] = (StorageWeakRef(storage), where(), storage.nbytes())
+        return result
+
+    def alive(self) -> Counter:
+        """Bytes of the recorded storages still alive, by line."""
+        kept = Counter()
+        for reference, line, size in self.storages.values():
+            if not reference.expired():
+                kept[line] += size
+        return kept
+
+
+def where() -> str:
+    """The innermost model code line on the stack."""
+    frames = [frame for frame in traceback.extract_stack() if any(p in frame.filename for p in PACKAGES)]
+    return f"{Path(frames[-1].filename).name}: {frames[-1].line}" if frames else "elsewhere"
+
+
 def kept_for_backward(model, pixels: int) -> Counter:
-    """Bytes of the storages autograd keeps in one forward pass, by the model code line that kept them."""
-    storages = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in storages:
-            frames = [frame for frame in traceback.extract_stack() if any(p in frame.filename for p in PACKAGES)]
-            where = f"{Path(frames[-1].filename).name}: {frames[-1].line}" if frames else "elsewhere"
-            storages[storage.data_ptr()] = (where, storage.nbytes())
-        return tensor
-
+    """Bytes of the storages made by a forward pass that are still alive after it while its graph is (the tensors
+    autograd keeps, and those selective checkpointing keeps), by the model code line that made them. A first,
+    unrecorded pass fills the caches (distance tables) that later passes share."""
     pixel_values = torch.randn(1, 3, pixels, pixels)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            model(pixel_values, interpolate_pos_encoding=True)
-    kept = Counter()
-    for where, size in storages.values():
-        kept[where] += size
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(pixel_values, interpolate_pos_encoding=True)
+        recorder = AllocationRecorder()
+        with recorder:
+            logits = model(pixel_values, interpolate_pos_encoding=True).logits
+    kept = recorder.alive()
+    del logits
     return kept
 
 

@@ -19,12 +19,14 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 pytest.importorskip("triton", reason="the Triton kernel's tests need the `triton` package")
 
 import locatvit_hf.triton_attention_locatvit as triton_attention  # noqa: E402
 from locatvit_hf import LocAtViTForSemanticSegmentation  # noqa: E402
 from locatvit_hf.attention_locatvit import eager_attention, full_bias  # noqa: E402
+from locatvit_hf.cpu_attention_locatvit import fused_cpu_profiles  # noqa: E402
 
 from .conftest import assert_same_training_step, compile_recording_graphs, tiny_config  # noqa: E402
 
@@ -190,10 +192,63 @@ def test_gradient_of_a_sum(blocks):
         torch.testing.assert_close(actual.grad.double(), expected.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_training_recomputes_the_profiles_not_the_attention():
+    """A training step on `cuda_triton` (eager, a non-square grid) equals the eager reference's; the kernel runs once
+    per layer in forward and its backward once in backward, and the Gaussian module runs once more per layer in
+    backward: its profiles are recomputed there instead of kept."""
+    config = tiny_config(attention_backend="cuda_triton")
+    model = LocAtViTForSemanticSegmentation(config).train()
+    reference = LocAtViTForSemanticSegmentation(tiny_config(attention_backend="eager")).train()
+    reference.load_state_dict(model.state_dict())
+    gaussian_calls = []
+    for layer in model.locatvit.encoder.layers:
+        layer.attention.gaussian_bias.register_forward_hook(
+            lambda *args: gaussian_calls.append(torch.is_grad_enabled())
+        )
+
+    class OperatorCalls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    pixel_values, labels = torch.randn(2, 3, 40, 24), torch.randint(0, config.num_labels, (2, 40, 24))
+    with OperatorCalls() as calls:
+        assert_same_training_step(model, reference, pixel_values, labels)
+    layers = config.num_hidden_layers
+    assert calls.names.count("locatvit.triton_gaussian_attention.default") == layers
+    assert calls.names.count("locatvit.triton_gaussian_attention_backward.default") == layers
+    assert len(gaussian_calls) == 2 * layers
+
+
+@pytest.mark.filterwarnings("error::FutureWarning")  # e.g. torch's, when saved-tensor hooks meet an unset choice
+@pytest.mark.parametrize("offload", [False, True], ids=["checkpointing", "checkpointing with offload"])
+def test_activation_checkpointing_around_the_recomputed_profiles(offload):
+    """Transformers' activation checkpointing of every layer (offloading to CPU memory, too), around the selective
+    checkpointing of the profiles: the same gradients as without it."""
+    model = LocAtViTForSemanticSegmentation(tiny_config(attention_backend="cuda_triton")).train()
+    pixel_values, labels = torch.randn(2, 3, 40, 24), torch.randint(0, 5, (2, 40, 24))
+
+    def gradients():
+        model.zero_grad()
+        model(pixel_values, labels=labels, interpolate_pos_encoding=True).loss.backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    plain = gradients()
+    model.activation_checkpointing_enable(offload=offload)
+    checkpointed = gradients()
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
 def test_compiled_model_traces_the_kernel_as_operators():
     """`torch.compile(fullgraph=True)` of a training step of a model on `cuda_triton` (a non-square grid, not the
-    configured one): the forward graph calls the kernel's operator and the backward graph its backward operator, and
-    the loss and every parameter's gradient equal the eager model's."""
+    configured one): the forward graph calls the kernel's operator and the backward graph its backward operator and
+    the profiles' operator (recomputed, not kept), and the loss and every parameter's gradient equal the eager
+    model's."""
     config = tiny_config(attention_backend="cuda_triton")
     model = LocAtViTForSemanticSegmentation(config).train()
     reference = LocAtViTForSemanticSegmentation(tiny_config(attention_backend="eager")).train()
@@ -204,6 +259,8 @@ def test_compiled_model_traces_the_kernel_as_operators():
     forward, backward = graphs
     assert "locatvit.triton_gaussian_attention.default" in forward
     assert "locatvit.triton_gaussian_attention_backward.default" in backward
+    profiles = "locatvit.gaussian_profiles.default" if fused_cpu_profiles() is not None else "aten.exp.default"
+    assert profiles in forward and profiles in backward
 
 
 def test_bad_inputs_raise_clear_errors():

@@ -13,6 +13,10 @@ arguments and return the output as (batch, N, heads, head_dim) and, for `eager` 
 | `cpu_fused` | CPU, float32, no attention dropout, kernel built | the bias added inside a fused C++ kernel from the profiles |
 | `cuda_chunked` | CUDA training, no attention dropout | the memory-efficient kernel in chunks; the bias recomputed in backward |
 | `cuda_triton` | only when forced (not yet checked on a GPU) | a Triton kernel with the bias evaluated inside it, forward and backward |
+
+In training, `cuda_triton` keeps the kernel's outputs and recomputes the Gaussian's profiles in backward
+(`gaussian_attention`): they are (H + W) floats per query and head, the only thing it would keep that a plain ViT's
+attention does not. Forward hooks on the Gaussian module then also fire during backward.
 """
 
 import functools
@@ -23,6 +27,7 @@ from collections.abc import Callable
 import torch
 from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from .cpu_attention_locatvit import fused_cpu_attention
 from .triton_attention_locatvit import DTYPES as TRITON_DTYPES
@@ -269,11 +274,11 @@ def triton_unavailable(query: torch.Tensor) -> str | None:
     return None
 
 
-def backend_unavailable(name: str, query: torch.Tensor, profiles, dropout: float) -> str | None:
-    """Why backend `name` cannot run this call (None if it can)."""
+def backend_unavailable(name: str, query: torch.Tensor, bias, dropout: float) -> str | None:
+    """Why backend `name` cannot run this call (None if it can); `bias` as for `select_backend`."""
     if name not in BACKENDS:
         return f"unknown attention backend {name!r}: choose one of {sorted(BACKENDS)} or None (automatic)"
-    if name in ("cpu_fused", "cuda_chunked", "cuda_triton") and (profiles is None or dropout > 0):
+    if name in ("cpu_fused", "cuda_chunked", "cuda_triton") and (bias is None or dropout > 0):
         return f"the {name!r} backend needs the Gaussian bias (`use_gaussian_attention=True`) and no attention dropout"
     if name == "cpu_fused" and (query.device.type != "cpu" or query.dtype not in (torch.float32, torch.float64)):
         return f"the 'cpu_fused' backend runs float32 or float64 CPU tensors, not {query.dtype} on {query.device}"
@@ -286,11 +291,11 @@ def backend_unavailable(name: str, query: torch.Tensor, profiles, dropout: float
     return None
 
 
-def select_backend(query: torch.Tensor, profiles, *, implementation: str, forced: str | None, dropout: float) -> str:
+def select_backend(query: torch.Tensor, bias, *, implementation: str, forced: str | None, dropout: float) -> str:
     """The name of the backend for this call: `forced` (`config.attention_backend`) if given, else the decision table
-    of this module's docstring."""
+    of this module's docstring. `bias` is the Gaussian bias (its profiles, or what computes them), None without one."""
     if forced is not None:
-        problem = backend_unavailable(forced, query, profiles, dropout)
+        problem = backend_unavailable(forced, query, bias, dropout)
         if problem:
             raise ValueError(
                 f"Cannot use `attention_backend={forced!r}`: {problem}. Set it to None to choose automatically."
@@ -298,20 +303,50 @@ def select_backend(query: torch.Tensor, profiles, *, implementation: str, forced
         return forced
     if implementation == "eager" or torch.compiler.is_exporting():
         return "eager"
-    if profiles is None or dropout > 0:
+    if bias is None or dropout > 0:
         return "sdpa"
     if query.device.type == "cpu" and query.dtype == torch.float32:  # an operator `torch.compile` traces
         return "cpu_fused" if fused_cpu_attention() is not None else "sdpa"
     training = torch.is_grad_enabled() and query.requires_grad
     if training and not traced() and query.device.type == "cuda" and torch.backends.cuda.mem_efficient_sdp_enabled():
-        return "sdpa" if backend_unavailable("cuda_chunked", query, profiles, dropout) else "cuda_chunked"
+        return "sdpa" if backend_unavailable("cuda_chunked", query, bias, dropout) else "cuda_chunked"
     return "sdpa"
 
 
-def gaussian_attention(query, key, value, profiles, *, implementation: str, forced: str | None, **kwargs):
-    """Runs the selected backend: (output (batch, N, heads, head_dim), probabilities or None)."""
-    name = select_backend(query, profiles, implementation=implementation, forced=forced, dropout=kwargs["dropout"])
-    return BACKENDS[name](query, key, value, profiles, **kwargs)
+def gaussian_attention(query, key, value, gaussian, *, implementation: str, forced: str | None, **kwargs):
+    """Runs the selected backend with the profiles `gaussian(query)` (`gaussian` None: no bias): (output (batch, N,
+    heads, head_dim), probabilities or None). Backends in `PROFILES_RECOMPUTED` run under selective activation
+    checkpointing when a gradient is recorded (`keep_kernel_outputs`)."""
+    name = select_backend(query, gaussian, implementation=implementation, forced=forced, dropout=kwargs["dropout"])
+    backend = BACKENDS[name]
+
+    def attend(query, key, value):
+        return backend(query, key, value, None if gaussian is None else gaussian(query), **kwargs)
+
+    if name in PROFILES_RECOMPUTED and torch.is_grad_enabled():
+        # No random numbers in these backends (no dropout): no generator state to save. The kept outputs go through
+        # the saved-tensor hooks around the call, as every other saved tensor (activation offloading moves them too).
+        return checkpoint(
+            attend, query, key, value, use_reentrant=False, context_fn=keep_kernel_outputs,
+            preserve_rng_state=False, respect_saved_tensors_hooks=True,
+        )  # fmt: skip
+    return attend(query, key, value)
+
+
+# Backends whose training keeps only their kernel's outputs (`keep_kernel_outputs`), by the name of its operator.
+PROFILES_RECOMPUTED = {"cuda_triton": "locatvit::triton_gaussian_attention"}
+
+
+def keep_kernel_outputs():
+    """Selective checkpointing contexts for `gaussian_attention`: the outputs of the kernels of `PROFILES_RECOMPUTED`
+    are kept for backward, and everything else (the Gaussian's statistics and profiles, a few elementwise passes over
+    (H + W) values per query) is computed again there. The attention itself never runs twice."""
+    kept = {getattr(torch.ops.locatvit, name.split("::")[1]).default for name in PROFILES_RECOMPUTED.values()}
+
+    def policy(ctx, operator, *args, **kwargs) -> CheckpointPolicy:
+        return CheckpointPolicy.MUST_SAVE if operator in kept else CheckpointPolicy.MUST_RECOMPUTE
+
+    return create_selective_checkpoint_contexts(policy)
 
 
 class SeparableBiasWriter(torch.autograd.Function):

@@ -291,8 +291,9 @@ class LocAtViTGaussianBias(nn.Module):
 
 
 class LocAtViTAttention(nn.Module):
-    """Multi-head self-attention whose logits get the Gaussian bias: q, k, v, the Gaussian's profiles, one backend
-    call (`attention_locatvit.gaussian_attention`, which chooses the backend), the output projection."""
+    """Multi-head self-attention whose logits get the Gaussian bias: q, k, v, one backend call with the Gaussian
+    (`attention_locatvit.gaussian_attention`, which chooses the backend and computes the profiles), the output
+    projection."""
 
     def __init__(self, config: LocAtViTConfig):
         super().__init__()
@@ -316,12 +317,12 @@ class LocAtViTAttention(nn.Module):
         query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        profiles = self.gaussian_bias(query, grid_size) if self.gaussian_bias is not None else None
+        gaussian = None if self.gaussian_bias is None else (lambda query: self.gaussian_bias(query, grid_size))
         attn_output, attn_weights = gaussian_attention(
             query,
             key,
             value,
-            profiles,
+            gaussian,
             implementation=self.config._attn_implementation,
             forced=self.config.attention_backend,
             scale=self.scaling,
