@@ -232,7 +232,7 @@ def sweep(case, repeats: int) -> list[dict]:
 
 KERNELS = ("forward_kernel", "delta_kernel", "key_value_grad_kernel", "query_grad_kernel")
 POINTERS_F32 = {"ROW", "COL", "LSE", "DELTA", "GROW", "GCOL", "PREFIX_GK", "PREFIX_GV"}
-POINTERS = POINTERS_F32 | {"Q", "K", "V", "OUT", "RESIDUAL", "GO", "GK", "GV", "GQ"}
+POINTERS = POINTERS_F32 | {"Q", "K", "V", "OUT", "RESIDUAL", "GO", "GK", "GV", "GQ"}  # RESIDUAL: int8
 TRITON_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 # Shared memory one block may use (bytes, opt-in), as the devices report it: A100, A10/RTX 3090, L4/RTX 4090, H100/H200.
 SHARED_LIMITS = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
@@ -263,7 +263,9 @@ def compile_kernel(kernel_name: str, arch: int, dtype: torch.dtype, width: int) 
         elif re.fullmatch(r"s\w*_d", arg):  # innermost strides: 1, as Triton specializes them
             signature[arg], used[arg] = "constexpr", 1
         elif arg in POINTERS:
-            signature[arg] = "*fp32" if arg in POINTERS_F32 else f"*{TRITON_TYPES[dtype]}"
+            signature[arg] = (
+                "*fp32" if arg in POINTERS_F32 else "*i8" if arg == "RESIDUAL" else f"*{TRITON_TYPES[dtype]}"
+            )
         else:
             signature[arg] = "fp32" if arg in ("qk_scale", "scale") else "i32"
     source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=used)

@@ -21,7 +21,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
-pytest.importorskip("triton", reason="the Triton kernel's tests need the `triton` package")
+triton = pytest.importorskip("triton", reason="the Triton kernel's tests need the `triton` package")
+tl = triton.language
 
 import locatvit_hf.triton_attention_locatvit as triton_attention  # noqa: E402
 from locatvit_hf import LocAtViTForSemanticSegmentation  # noqa: E402
@@ -148,6 +149,35 @@ def test_low_precision_within_eager_error(blocks, dtype, batch, heads, grid, dim
 
 def expected_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if name in ("grad row", "grad col") else dtype
+
+
+def _rounding_round_trip(X, ROUNDED, RESTORED, BLOCK: tl.constexpr):
+    """Rounds float32 values to ROUNDED's dtype and restores them from the rounding and its error's code."""
+    i = tl.arange(0, BLOCK)
+    value = tl.load(X + i)
+    rounded = value.to(ROUNDED.dtype.element_ty)
+    tl.store(ROUNDED + i, rounded)
+    tl.store(RESTORED + i, _restore_rounded(rounded, _rounding_error_code(value, rounded)))
+
+
+@pytest.mark.parametrize("dtype, decades", [(torch.bfloat16, 30), (torch.float16, 4)], ids=str)
+def test_rounding_error_code_restores_float32_outputs(dtype, decades):
+    """The one-byte code of the output's rounding error that the forward keeps for the backward's delta: float32
+    values of either sign over many magnitudes (and 0) come back from their rounding and its code to 1/127 of the
+    dtype's resolution, where the rounding alone is off by up to a whole one (Triton's interpreter truncates)."""
+    global _restore_rounded, _rounding_error_code  # the Triton helpers the test kernel calls
+    triton_attention._kernels()  # wraps the helpers as Triton functions
+    _restore_rounded, _rounding_error_code = triton_attention._restore_rounded, triton_attention._rounding_error_code
+    generator = torch.Generator().manual_seed(0)
+    magnitudes = 10 ** ((torch.rand(1024, generator=generator) * 2 - 1) * decades)
+    values = torch.where(torch.rand(1024, generator=generator) < 0.5, -magnitudes, magnitudes)
+    values[0] = 0.0
+    rounded, restored = torch.empty(1024, dtype=dtype), torch.empty(1024)
+    triton.jit(_rounding_round_trip)[(1,)](values, rounded, restored, BLOCK=1024)
+    resolution = torch.finfo(dtype).eps * values.abs()
+    assert ((rounded.float() - values).abs() > resolution / 4).any()  # the rounding is visible
+    assert ((restored - values).abs() <= resolution / 127).all()
+    assert restored[0] == 0
 
 
 def test_operators_pass_opcheck(blocks):

@@ -130,7 +130,8 @@ class LocAtViTGaussianBias(nn.Module):
     tiny linear maps shared by all heads of the layer. The exponential factorizes into a row profile
     alpha_i * exp(d_row / (var_i[0] + eps)) over the H rows and a column profile exp(d_col / (var_i[1] + eps)) over
     the W columns: (H + W) exponentials per query instead of H * W, evaluated in float32. This module returns those
-    profiles, on every attention backend (so forward hooks here see every layer's Gaussian); the backends of
+    profiles, on every attention backend (so forward hooks here see every layer's Gaussian; in training on
+    `cuda_triton` once more in backward, which computes them again instead of keeping them); the backends of
     `attention_locatvit` add their outer product to the attention logits.
     """
 

@@ -6,7 +6,8 @@ kernels need B written out as a (batch, heads, N, N) mask, and in training its w
 keeps a block of queries' scores in registers, adds the bias from the (H + W) profile values of each query, and runs
 the online softmax, so nothing N x N reaches memory. The backward recomputes the probabilities from one log-sum-exp
 per query and reduces the bias gradient to the profiles in the same pass. In bfloat16 and float16 the forward also
-keeps the output's rounding error, so that the backward's delta = rowsum(dO * O) is exact (`_setup_context`).
+keeps the output's rounding error, in one byte per element, so that the backward's delta = rowsum(dO * O) is exact to
+float32 rounding and 1/127 of the output's last place (`_setup_context`).
 
 Layout that makes the bias cheap: every block of keys covers whole grid rows (`ROWS` of them, when W fits in a block)
 or one segment of one grid row (when it does not). Key lane `l` of every block then sits at the same grid column, so
@@ -228,8 +229,8 @@ def _forward_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """One block of queries of one (batch, head): output and log-sum-exp, by the online softmax over the prefix keys,
-    then the key blocks of each segment and row group. With `STORE_RESIDUAL`, also the output's rounding error in
-    its own dtype (RESIDUAL, strided like OUT)."""
+    then the key blocks of each segment and row group. With `STORE_RESIDUAL`, also the output's rounding error
+    (`_rounding_error_code`; RESIDUAL, int8, strided like OUT)."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)  # 64-bit offsets: batch * N * heads * D may pass 2**31
     b = bh // heads
@@ -285,8 +286,31 @@ def _forward_kernel(
     offsets = b * so_b + h * so_h + q_tok[:, None] * so_n + d[None, :] * so_d
     tl.store(OUT + offsets, rounded, mask=q_mask)
     if STORE_RESIDUAL:
-        tl.store(RESIDUAL + offsets, (out - rounded.to(tl.float32)).to(OUT.dtype.element_ty), mask=q_mask)
+        tl.store(RESIDUAL + offsets, _rounding_error_code(out, rounded), mask=q_mask)
     tl.store(LSE + bh * N + q_tok, (m + tl.log2(l_sum)) * _LN2, mask=q_ok)
+
+
+def _unit_in_last_place(rounded):
+    """The spacing of bfloat16 or float16 numbers at each value of `rounded`, a power of two built as a float32 from
+    their exponent bits (at least float32's smallest normal number, 2**-126: values that small are all but 0 here)."""
+    bits = rounded.to(tl.int16, bitcast=True)
+    if rounded.dtype == tl.bfloat16:  # float32's exponent bits and bias, 7 stored significand bits
+        exponent = ((bits >> 7) & 0xFF).to(tl.int32) - 7
+    else:  # float16: 5 exponent bits, bias 15, 10 stored bits; subnormals are spaced as the smallest normals
+        exponent = tl.maximum(((bits >> 10) & 0x1F).to(tl.int32), 1) + (127 - 15 - 10)
+    return (tl.maximum(exponent, 1) << 23).to(tl.float32, bitcast=True)
+
+
+def _rounding_error_code(out, rounded):
+    """out - rounded (float32 minus its rounding to bfloat16 or float16) in units of 1/127 of `rounded`'s last place,
+    truncated to an int8: less than one place whichever way the output was rounded (to nearest on GPUs, towards zero
+    under Triton's interpreter)."""
+    return ((out - rounded.to(tl.float32)) / _unit_in_last_place(rounded) * 127.0).to(tl.int8)
+
+
+def _restore_rounded(rounded, code):
+    """The float32 value that `_rounding_error_code` encoded, to 1/127 of `rounded`'s last place."""
+    return rounded.to(tl.float32) + code.to(tl.float32) * (_unit_in_last_place(rounded) / 127.0)
 
 
 def _delta_kernel(
@@ -294,7 +318,7 @@ def _delta_kernel(
     D: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """delta = rowsum(dO * O) per query, in float32, for both backward passes; O is the rounded output plus its
-    rounding error where that was kept (RESIDUAL, strided like OUT)."""
+    rounding error where that was kept (RESIDUAL: `_rounding_error_code`, strided like OUT)."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // heads
@@ -304,9 +328,11 @@ def _delta_kernel(
     mask = (q_tok < N)[:, None] & _head_mask(d, D, BLOCK_D)[None, :]
     grad = tl.load(GO + b * sg_b + h * sg_h + q_tok[:, None] * sg_n + d[None, :] * sg_d, mask=mask, other=0.0)
     out_offsets = b * so_b + h * so_h + q_tok[:, None] * so_n + d[None, :] * so_d
-    out = tl.load(OUT + out_offsets, mask=mask, other=0.0).to(tl.float32)
+    out = tl.load(OUT + out_offsets, mask=mask, other=0.0)
     if HAS_RESIDUAL:
-        out += tl.load(RESIDUAL + out_offsets, mask=mask, other=0.0).to(tl.float32)
+        out = _restore_rounded(out, tl.load(RESIDUAL + out_offsets, mask=mask, other=0))
+    else:
+        out = out.to(tl.float32)
     delta = _sum(grad.to(tl.float32) * out, axis=1)
     tl.store(DELTA + bh * N + q_tok, delta, mask=q_tok < N)
 
@@ -501,6 +527,9 @@ _HELPERS = (
     "_spread_cols",
     "_forward_block",
     "_query_grad_segment",
+    "_unit_in_last_place",
+    "_rounding_error_code",
+    "_restore_rounded",
 )
 _KERNELS = ("_forward_kernel", "_delta_kernel", "_key_value_grad_kernel", "_query_grad_kernel")
 _build_lock = threading.Lock()
@@ -664,11 +693,12 @@ def _attention_impl(
 
 
 def _attention_fake(query, key, value, row, col, scale, num_prefix):
-    """The outputs' layouts; the residual is empty in float32, whose output is kept exactly."""
+    """The outputs' layouts; the residual (the output's rounding error, int8 codes) is empty in float32, whose output
+    is kept exactly."""
     batch, heads, seq_len, dim = query.shape
     output = _token_major(query)
     logsumexp = query.new_empty(batch, heads, seq_len, dtype=torch.float32)
-    residual = query.new_empty(0) if query.dtype == torch.float32 else _token_major(query)
+    residual = query.new_empty(0) if query.dtype == torch.float32 else _token_major(query).to(torch.int8)
     return output, logsumexp, residual
 
 
@@ -746,7 +776,8 @@ def _setup_context(ctx, inputs, output) -> None:
     """Keeps the inputs, the output, one log-sum-exp per query and the output's rounding error (auxiliary outputs
     without a gradient). That error makes delta = rowsum(dO * O) exact: from the rounded bfloat16 output, delta is off
     by one rounding shared by all keys of a query, which does not average out in the profiles' gradients (3x eager's
-    error in bfloat16). It costs one more output-sized tensor per layer; recomputing O would cost a forward pass."""
+    error in bfloat16). It costs one byte per output element (`_rounding_error_code`: 1/127 of a last place is far
+    finer than needed); recomputing O would cost a forward pass."""
     query, key, value, row, col, scale, num_prefix = inputs
     attended, logsumexp, residual = output
     ctx.mark_non_differentiable(logsumexp, residual)
