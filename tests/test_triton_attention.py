@@ -24,6 +24,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 triton = pytest.importorskip("triton", reason="the Triton kernel's tests need the `triton` package")
 tl = triton.language
 
+import locatvit_hf.attention_locatvit as attention  # noqa: E402
 import locatvit_hf.triton_attention_locatvit as triton_attention  # noqa: E402
 from locatvit_hf import LocAtViTForSemanticSegmentation  # noqa: E402
 from locatvit_hf.attention_locatvit import eager_attention, full_bias  # noqa: E402
@@ -222,6 +223,18 @@ def test_gradient_of_a_sum(blocks):
         torch.testing.assert_close(actual.grad.double(), expected.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+class OperatorCalls(TorchDispatchMode):
+    """Records the name of every operator called in its context."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
 def test_training_recomputes_the_profiles_not_the_attention():
     """A training step on `cuda_triton` (eager, a non-square grid) equals the eager reference's; the kernel runs once
     per layer in forward and its backward once in backward, and the Gaussian module runs once more per layer in
@@ -235,15 +248,6 @@ def test_training_recomputes_the_profiles_not_the_attention():
         layer.attention.gaussian_bias.register_forward_hook(
             lambda *args: gaussian_calls.append(torch.is_grad_enabled())
         )
-
-    class OperatorCalls(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(str(func))
-            return func(*args, **(kwargs or {}))
 
     pixel_values, labels = torch.randn(2, 3, 40, 24), torch.randint(0, config.num_labels, (2, 40, 24))
     with OperatorCalls() as calls:
@@ -291,6 +295,60 @@ def test_compiled_model_traces_the_kernel_as_operators():
     assert "locatvit.triton_gaussian_attention_backward.default" in backward
     profiles = "locatvit.gaussian_profiles.default" if fused_cpu_profiles() is not None else "aten.exp.default"
     assert profiles in forward and profiles in backward
+
+
+def test_triton_check_passes_here_and_catches_a_wrong_kernel(monkeypatch, caplog):
+    """The check that guards the automatic choice of the kernel passes for the kernel in every dtype and rejects,
+    with a logged warning that says why, a kernel that drops the row profiles' bias or fails to run."""
+    for dtype in triton_attention.DTYPES:
+        assert attention.triton_check(torch.device("cpu"), dtype, 16) is None
+    kernel = attention.triton_gaussian_attention
+
+    def without_row_bias(query, key, value, row, col, scale, num_prefix):
+        return kernel(query, key, value, row * 0 + 1, col, scale, num_prefix)
+
+    def failing(*args):
+        raise RuntimeError("no kernel image is available for execution on the device")
+
+    for wrong, expected in ((without_row_bias, "off by"), (failing, "failed to run: RuntimeError: no kernel image")):
+        monkeypatch.setattr(attention, "triton_gaussian_attention", wrong)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger=attention.__name__):
+            problem = attention.triton_check(torch.device("cpu"), torch.bfloat16, 16)
+        assert expected in problem
+        assert expected in caplog.text and "the other attention backends run instead" in caplog.text
+
+
+def test_automatic_choice_takes_the_kernel_where_its_check_passed(monkeypatch):
+    """For tensors on a device of `TRITON_DEVICES` (here the CPU, under the interpreter, in bfloat16: float32 CPU
+    calls take the fused CPU kernel first), the automatic choice is the Triton kernel, in a model's training step and
+    in its compiled graph; where the check failed, or the call has more (batch, head) slices than one launch takes,
+    it is the next backend of the table."""
+    monkeypatch.setattr(attention, "TRITON_DEVICES", ("cuda", "cpu"))
+    query = torch.randn(1, 2, 17, 16, dtype=torch.bfloat16)
+    profiles = (torch.rand(1, 2, 16, 4), torch.rand(1, 2, 16, 4))
+
+    def select():
+        return attention.select_backend(query, profiles, implementation="sdpa", forced=None, dropout=0.0)
+
+    assert select() == "cuda_triton"
+    assert attention.select_backend(query, profiles, implementation="sdpa", forced=None, dropout=0.1) == "sdpa"
+    with monkeypatch.context() as patch:
+        patch.setattr(attention, "MAX_TRITON_SLICES", 1)
+        assert select() == "sdpa"
+    with monkeypatch.context() as patch:
+        patch.setattr(attention, "triton_checked", lambda *args: False)
+        assert select() == "sdpa"
+
+    model = LocAtViTForSemanticSegmentation(tiny_config()).train()
+    pixel_values, labels = torch.randn(2, 3, 40, 24), torch.randint(0, 5, (2, 40, 24))
+    with OperatorCalls() as calls, torch.autocast("cpu", dtype=torch.bfloat16):
+        model(pixel_values, labels=labels, interpolate_pos_encoding=True).loss.backward()
+    assert calls.names.count("locatvit.triton_gaussian_attention.default") == model.config.num_hidden_layers
+    compiled, graphs = compile_recording_graphs(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        compiled(pixel_values, labels=labels, interpolate_pos_encoding=True).loss.backward()
+    assert "locatvit.triton_gaussian_attention.default" in graphs[0]
 
 
 def test_bad_inputs_raise_clear_errors():

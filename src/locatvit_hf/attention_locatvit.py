@@ -11,8 +11,8 @@ arguments and return the output as (batch, N, heads, head_dim) and, for `eager` 
 | `eager` | `attn_implementation="eager"`, and `torch.export` / ONNX export | the reference: the bias written out, softmax in at least float32; returns the probabilities |
 | `sdpa` | otherwise | the bias written once per layer as `sdpa`'s float mask |
 | `cpu_fused` | CPU, float32, no attention dropout, kernel built | the bias added inside a fused C++ kernel from the profiles |
-| `cuda_chunked` | CUDA training, no attention dropout | the memory-efficient kernel in chunks; the bias recomputed in backward |
-| `cuda_triton` | only when forced (not yet checked on a GPU) | a Triton kernel with the bias evaluated inside it, forward and backward |
+| `cuda_triton` | CUDA, no attention dropout, once `triton_check` has passed on the device and dtype | a Triton kernel with the bias evaluated inside it, forward and backward |
+| `cuda_chunked` | CUDA training where `cuda_triton` cannot run | the memory-efficient kernel in chunks; the bias recomputed in backward |
 
 In training, `cuda_triton` keeps the kernel's outputs and recomputes the Gaussian's profiles in backward
 (`gaussian_attention`): they are (H + W) floats per query and head, the only thing it would keep that a plain ViT's
@@ -20,6 +20,7 @@ attention does not. Forward hooks on the Gaussian module then also fire during b
 """
 
 import functools
+import logging
 import math
 import threading
 from collections.abc import Callable
@@ -33,6 +34,8 @@ from .cpu_attention_locatvit import fused_cpu_attention
 from .triton_attention_locatvit import DTYPES as TRITON_DTYPES
 from .triton_attention_locatvit import interpreting as triton_interpreting
 from .triton_attention_locatvit import triton_available, triton_gaussian_attention
+
+logger = logging.getLogger(__name__)
 
 NUM_PREFIX_TOKENS = 1  # the CLS token, which gets no Gaussian bias
 
@@ -258,8 +261,7 @@ def cuda_triton_attention(
     query, key, value, profiles, *, scale: float, dropout: float, num_prefix: int, workspace=None
 ):
     """The Triton kernel (`triton_attention_locatvit`): FlashAttention-2 style, the bias evaluated from the profiles
-    inside each block of scores, nothing N x N in memory; inference and training. Selectable by name until it has
-    been checked on a GPU (benchmarks/check_accelerator.py and benchmarks/bench_triton.py)."""
+    inside each block of scores, nothing N x N in memory; inference and training."""
     return triton_gaussian_attention(query, key, value, *profiles, scale, num_prefix), None
 
 
@@ -271,7 +273,83 @@ def triton_unavailable(query: torch.Tensor) -> str | None:
         return f"the 'cuda_triton' backend runs float32/bfloat16/float16 with head sizes up to 128, not {query.dtype}"
     if query.device.type == "cpu" and not torch.cuda.is_available() and not triton_interpreting():
         return "the 'cuda_triton' backend runs CPU tensors only under Triton's interpreter (TRITON_INTERPRET=1)"
+    if query.shape[0] * query.shape[1] > MAX_TRITON_SLICES:
+        return f"the 'cuda_triton' backend runs at most {MAX_TRITON_SLICES} (batch x heads) slices a call"
     return None
+
+
+MAX_TRITON_SLICES = 65535  # the kernels' second launch dimension, one program per (batch, head), is capped there
+
+# The automatic choice takes the Triton kernel for tensors on these devices, where `triton_check` passes.
+TRITON_DEVICES = ("cuda",)
+
+
+@torch.compiler.assume_constant_result  # under `torch.compile`: run when traced, a constant in the graph
+def triton_checked(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether `triton_check` passed for these (run once per device, dtype and head size)."""
+    return cached_triton_check(device, dtype, head_dim) is None
+
+
+def triton_check(device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
+    """Runs the Triton kernel once on `device` on a small case (a CLS token and a 2 x 14 grid, two heads: rows as wide
+    as a 224 px model's, whose compiled kernels it then shares), forward and backward, against the eager reference in
+    float64: None if it agrees, else what went wrong (also logged). The
+    automatic choice takes the kernel only where it has run correctly, so that a GPU, driver or Triton release on
+    which it fails to compile or miscomputes gets the other backends instead of wrong results. It agrees if every
+    output and gradient is within twice the eager reference's own error in `dtype`, plus 1/1000 of the largest value
+    (four resolution steps in bfloat16 and float16): far below what a miscomputed bias or block would be off by, far
+    above the summation order's rounding."""
+    generator = torch.Generator().manual_seed(0)
+    height, width = 2, 14
+    tokens, patches = 1 + height * width, height * width
+    tensors = [torch.randn(1, 2, tokens, head_dim, generator=generator, dtype=torch.float64) for _ in range(3)]
+    tensors += [torch.rand(1, 2, patches, height, generator=generator, dtype=torch.float64) * 2]
+    tensors += [torch.randn(1, 2, patches, width, generator=generator, dtype=torch.float64)]
+    scale = head_dim**-0.5
+
+    def outputs(attention, precision):
+        profile_precision = torch.float64 if precision == torch.float64 else torch.float32
+        inputs = [t.to(device, precision) for t in tensors[:3]] + [
+            t.to(device, profile_precision) for t in tensors[3:]
+        ]
+        inputs = [t.requires_grad_() for t in inputs]
+        output = attention(*inputs)
+        # quarters in [-1, 1]: the same output gradient in every dtype
+        weight = torch.arange(output.numel(), device=device).remainder(9).view(output.shape) / 4 - 1
+        return [output, *torch.autograd.grad((output * weight.to(output.dtype)).sum(), inputs)]
+
+    def eager(q, k, v, row, col):
+        return eager_attention(q, k, v, (row, col), scale=scale, dropout=0.0, num_prefix=1)[0]
+
+    def kernel(q, k, v, row, col):
+        return triton_gaussian_attention(q, k, v, row, col, scale, 1)
+
+    try:
+        with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
+            exact, low, checked = (outputs(*run) for run in ((eager, torch.float64), (eager, dtype), (kernel, dtype)))
+    except Exception as error:  # noqa: BLE001 - any failure to compile or run means: not this kernel here
+        problem = f"it failed to run: {type(error).__name__}: {error}"
+    else:
+        problem = None
+        names = ("output", "query's gradient", "key's gradient", "value's gradient", "row profiles' gradient",
+                 "column profiles' gradient")  # fmt: skip
+        for name, actual, reference, expected in zip(names, checked, low, exact):
+            error = (actual.double() - expected).abs().max().item()
+            tolerance = 2 * (reference.double() - expected).abs().max().item()
+            tolerance += max(4 * torch.finfo(dtype).eps, 1e-3) * expected.abs().max().item()
+            if not error <= tolerance:
+                problem = f"the {name} is off by {error:.3g} (allowed: {tolerance:.3g})"
+                break
+    if problem is not None:
+        logger.warning(
+            "LocAtViT's Triton attention kernel failed its check on %s in %s with head size %d, so the other attention "
+            "backends run instead (please report this with your GPU, driver, torch and Triton versions): %s",
+            device, dtype, head_dim, problem,
+        )  # fmt: skip
+    return problem
+
+
+cached_triton_check = functools.cache(triton_check)
 
 
 def backend_unavailable(name: str, query: torch.Tensor, bias, dropout: float) -> str | None:
@@ -307,6 +385,9 @@ def select_backend(query: torch.Tensor, bias, *, implementation: str, forced: st
         return "sdpa"
     if query.device.type == "cpu" and query.dtype == torch.float32:  # an operator `torch.compile` traces
         return "cpu_fused" if fused_cpu_attention() is not None else "sdpa"
+    if query.device.type in TRITON_DEVICES and triton_unavailable(query) is None:
+        if triton_checked(query.device, query.dtype, query.shape[-1]):
+            return "cuda_triton"
     training = torch.is_grad_enabled() and query.requires_grad
     if training and not traced() and query.device.type == "cuda" and torch.backends.cuda.mem_efficient_sdp_enabled():
         return "sdpa" if backend_unavailable("cuda_chunked", query, bias, dropout) else "cuda_chunked"
