@@ -357,6 +357,10 @@ def test_bad_inputs_raise_clear_errors():
         triton_attention.triton_gaussian_attention(query, key, value, row[:, :, 1:], col[:, :, 1:], 0.25, 1)
     with pytest.raises(ValueError, match="share one dtype"):
         triton_attention.triton_gaussian_attention(query, key.double(), value, row, col, 0.25, 1)
+    slices = torch.zeros(triton_attention.MAX_SLICES + 1, 1, 2, 1)  # one CLS token and one patch each
+    profile = torch.ones(triton_attention.MAX_SLICES + 1, 1, 1, 1)
+    with pytest.raises(ValueError, match="exceeds the 65535 .* split the batch"):
+        triton_attention.triton_gaussian_attention(slices, slices, slices, profile, profile, 0.25, 1)
 
 
 def test_module_imports_without_triton_and_explains_cpu_tensors():

@@ -32,6 +32,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 
 from .cpu_attention_locatvit import fused_cpu_attention
 from .triton_attention_locatvit import DTYPES as TRITON_DTYPES
+from .triton_attention_locatvit import MAX_SLICES as MAX_TRITON_SLICES
 from .triton_attention_locatvit import interpreting as triton_interpreting
 from .triton_attention_locatvit import triton_available, triton_gaussian_attention
 
@@ -277,8 +278,6 @@ def triton_unavailable(query: torch.Tensor) -> str | None:
         return f"the 'cuda_triton' backend runs at most {MAX_TRITON_SLICES} (batch x heads) slices a call"
     return None
 
-
-MAX_TRITON_SLICES = 65535  # the kernels' second launch dimension, one program per (batch, head), is capped there
 
 # The automatic choice takes the Triton kernel for tensors on these devices, where `triton_check` passes.
 TRITON_DEVICES = ("cuda",)

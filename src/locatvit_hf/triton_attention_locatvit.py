@@ -46,6 +46,7 @@ LN2 = 0.6931471805599453
 MAX_ROWS_PER_BLOCK = 8
 MAX_HEAD_DIM = 128
 MAX_PREFIX = 16  # prefix tokens are unrolled rank-one terms
+MAX_SLICES = 65535  # one program per (batch, head) on the launch grid's second axis, which CUDA caps there
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # (block of queries, block of keys) for every kernel, instead of the tuned choice of `_config`: for tests, whose small
@@ -605,6 +606,11 @@ def _check(query, key, value, row, col, num_prefix: int) -> None:
     batch, heads, seq_len, dim = query.shape
     if not 1 <= dim <= MAX_HEAD_DIM:
         raise ValueError(f"head sizes up to {MAX_HEAD_DIM} are supported, got {dim}")
+    if batch * heads > MAX_SLICES:
+        raise ValueError(
+            f"batch x heads = {batch * heads} exceeds the {MAX_SLICES} (batch, head) slices one call can launch: "
+            "split the batch"
+        )
     if not 0 <= num_prefix <= MAX_PREFIX:
         raise ValueError(f"num_prefix must be between 0 and {MAX_PREFIX}, got {num_prefix}")
     if row.dim() != 4 or col.dim() != 4 or row.dtype != torch.float32 or col.dtype != torch.float32:
