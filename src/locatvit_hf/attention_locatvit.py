@@ -292,8 +292,9 @@ def triton_checked(device: torch.device, dtype: torch.dtype, head_dim: int) -> b
 def triton_check(device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
     """Runs the Triton kernel once on `device` on a small case (a CLS token and a 2 x 14 grid, two heads: rows as wide
     as a 224 px model's, whose compiled kernels it then shares), forward and backward, against the eager reference in
-    float64: None if it agrees, else what went wrong (also logged). The
-    automatic choice takes the kernel only where it has run correctly, so that a GPU, driver or Triton release on
+    float64: None if it agrees, else what went wrong (also logged).
+
+    The automatic choice takes the kernel only where it has run correctly, so that a GPU, driver or Triton release on
     which it fails to compile or miscomputes gets the other backends instead of wrong results. It agrees if every
     output and gradient is within twice the eager reference's own error in `dtype`, plus 1/1000 of the largest value
     (four resolution steps in bfloat16 and float16): far below what a miscomputed bias or block would be off by, far
@@ -308,9 +309,8 @@ def triton_check(device: torch.device, dtype: torch.dtype, head_dim: int) -> str
 
     def outputs(attention, precision):
         profile_precision = torch.float64 if precision == torch.float64 else torch.float32
-        inputs = [t.to(device, precision) for t in tensors[:3]] + [
-            t.to(device, profile_precision) for t in tensors[3:]
-        ]
+        inputs = [t.to(device, precision) for t in tensors[:3]]
+        inputs += [t.to(device, profile_precision) for t in tensors[3:]]
         inputs = [t.requires_grad_() for t in inputs]
         output = attention(*inputs)
         # quarters in [-1, 1]: the same output gradient in every dtype
@@ -413,15 +413,16 @@ def gaussian_attention(query, key, value, gaussian, *, implementation: str, forc
     return attend(query, key, value)
 
 
-# Backends whose training keeps only their kernel's outputs (`keep_kernel_outputs`), by the name of its operator.
-PROFILES_RECOMPUTED = {"cuda_triton": "locatvit::triton_gaussian_attention"}
+# Backends whose training keeps only their kernel's outputs (`keep_kernel_outputs`): the kernel's operator in
+# `torch.ops.locatvit`.
+PROFILES_RECOMPUTED = {"cuda_triton": "triton_gaussian_attention"}
 
 
 def keep_kernel_outputs():
     """Selective checkpointing contexts for `gaussian_attention`: the outputs of the kernels of `PROFILES_RECOMPUTED`
     are kept for backward, and everything else (the Gaussian's statistics and profiles, a few elementwise passes over
     (H + W) values per query) is computed again there. The attention itself never runs twice."""
-    kept = {getattr(torch.ops.locatvit, name.split("::")[1]).default for name in PROFILES_RECOMPUTED.values()}
+    kept = {getattr(torch.ops.locatvit, name).default for name in PROFILES_RECOMPUTED.values()}
 
     def policy(ctx, operator, *args, **kwargs) -> CheckpointPolicy:
         return CheckpointPolicy.MUST_SAVE if operator in kept else CheckpointPolicy.MUST_RECOMPUTE
