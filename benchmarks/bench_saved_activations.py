@@ -7,10 +7,11 @@ where the ViT's flash attention keeps nothing N x N, they are most of what `max_
 This counts them on any machine: both models' forward passes run in bfloat16 autocast (as people train on GPUs) on
 CPU, and every storage an operator made that is still alive after the forward pass (kept by autograd or by selective
 checkpointing) is counted once, under the line of model code that made it (weights count too: autocast's bfloat16
-copies). A layer's share is the difference between a two-layer and a
-one-layer model (the embeddings, the head and LocAtViT's parameter-free refinement are in both). transformers' ViT with `sdpa` on CPU keeps what flash attention
+copies). A layer's share is the difference between a two-layer and a one-layer model (the embeddings, the head and
+LocAtViT's parameter-free refinement are in both). transformers' ViT with `sdpa` on CPU keeps what flash attention
 keeps on a GPU (output and log-sum-exp). LocAtViT's backend is forced with `--backend` (default `cuda_triton`, run on
-CPU by Triton's interpreter, which this script turns on: slow at 512 px, but it keeps what it keeps on a GPU).
+CPU by Triton's interpreter, which this script turns on: slow at 512 px and more, but it keeps what it keeps on a
+GPU).
 """
 
 import argparse
