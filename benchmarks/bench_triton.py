@@ -231,7 +231,8 @@ def sweep(case, repeats: int) -> list[dict]:
 # --compile-only: registers, spills and shared memory per kernel, without a GPU
 
 KERNELS = ("forward_kernel", "delta_kernel", "key_value_grad_kernel", "query_grad_kernel")
-POINTERS_F32 = {"ROW", "COL", "LSE", "DELTA", "GROW", "GCOL", "PREFIX_GK", "PREFIX_GV"}
+PROFILE_KERNELS = ("profiles_kernel", "profiles_grad_kernel")  # float32 only, whatever the attention's dtype
+POINTERS_F32 = {"ROW", "COL", "LSE", "DELTA", "GROW", "GCOL", "PREFIX_GK", "PREFIX_GV", "STATS", "TABLE", "GRAD"}
 POINTERS = POINTERS_F32 | {"Q", "K", "V", "OUT", "RESIDUAL", "GO", "GK", "GV", "GQ"}  # RESIDUAL: int8
 TRITON_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 # Shared memory one block may use (bytes, opt-in), as the devices report it: A100, A10/RTX 3090, L4/RTX 4090, H100/H200.
@@ -247,13 +248,17 @@ def compile_kernel(kernel_name: str, arch: int, dtype: torch.dtype, width: int) 
 
     import locatvit_hf.triton_attention_locatvit as kernel_module
 
-    backward = kernel_name != "forward_kernel"
-    block_m, block_n, warps, stages = kernel_module._config(HEAD_DIM, backward, dtype)
-    rows_per_block, splits, _, _ = kernel_module._layout(width, width, block_n)
+    if kernel_name in PROFILE_KERNELS:
+        (block_m, block_n), warps, stages = kernel_module.PROFILE_BLOCKS, *kernel_module.PROFILE_LAUNCH
+        rows_per_block = splits = None
+    else:
+        backward = kernel_name != "forward_kernel"
+        block_m, block_n, warps, stages = kernel_module._config(HEAD_DIM, backward, dtype)
+        rows_per_block, splits, _, _ = kernel_module._layout(width, width, block_n)
     constants = dict(
-        D=HEAD_DIM, NUM_PREFIX=NUM_PREFIX, ROWS=rows_per_block, SEGMENTED=splits > 1, IEEE=dtype == torch.float32,
-        STORE_RESIDUAL=dtype != torch.float32, HAS_RESIDUAL=dtype != torch.float32, INTERPRET=False,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=HEAD_DIM,
+        D=HEAD_DIM, NUM_PREFIX=NUM_PREFIX, ROWS=rows_per_block, SEGMENTED=(splits or 1) > 1,
+        IEEE=dtype == torch.float32, STORE_RESIDUAL=dtype != torch.float32, HAS_RESIDUAL=dtype != torch.float32,
+        INTERPRET=False, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=HEAD_DIM, BLOCK_Q=block_m, BLOCK_S=block_n,
     )  # fmt: skip
     fn = getattr(kernel_module._kernels(), kernel_name)
     signature, used = {}, {}
@@ -267,7 +272,7 @@ def compile_kernel(kernel_name: str, arch: int, dtype: torch.dtype, width: int) 
                 "*fp32" if arg in POINTERS_F32 else "*i8" if arg == "RESIDUAL" else f"*{TRITON_TYPES[dtype]}"
             )
         else:
-            signature[arg] = "fp32" if arg in ("qk_scale", "scale") else "i32"
+            signature[arg] = "fp32" if arg in ("qk_scale", "scale", "eps", "floor", "clamp") else "i32"
     source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=used)
     compiled = triton.compile(
         source, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps, num_stages=stages)
@@ -287,21 +292,23 @@ def compile_kernel(kernel_name: str, arch: int, dtype: torch.dtype, width: int) 
 
 
 def compile_report(architectures: list[int], dtypes: list[torch.dtype], widths: list[int]) -> list[dict]:
-    """`compile_kernel` for every kernel, architecture, dtype and grid width (14: 4 grid rows per key block at 64
-    keys; 32: 2; 64: 1; 100: rows cut into segments), printed as it goes."""
+    """`compile_kernel` for every attention kernel, architecture, dtype and grid width (14: 4 grid rows per key block
+    at 64 keys; 32: 2; 64: 1; 100: rows cut into segments), then the profile kernels (float32) for every architecture
+    and width, printed as it goes."""
     os.environ.pop("TRITON_INTERPRET", None)  # compile, whatever the environment asked for
     rows = []
-    for arch in architectures:
-        for dtype in dtypes:
-            for width in widths:
-                for kernel_name in KERNELS:
-                    row = compile_kernel(kernel_name, arch, dtype, width)
-                    rows.append(row)
-                    print(
-                        f"sm_{arch} {row['dtype']:8s} W={width:3d} {kernel_name:22s} blocks {row['blocks']} "
-                        f"rows/block {row['rows_per_block']} segments {row['segments']}: {row['registers']} "
-                        f"registers, {row['spilled_bytes']} bytes spilled, {row['shared_bytes']} bytes shared"
-                    )
+    cases = [(arch, dtype, width, kernel) for arch in architectures for dtype in dtypes for width in widths
+             for kernel in KERNELS]  # fmt: skip
+    cases += [(arch, torch.float32, width, kernel) for arch in architectures for width in widths
+              for kernel in PROFILE_KERNELS]  # fmt: skip
+    for arch, dtype, width, kernel_name in cases:
+        row = compile_kernel(kernel_name, arch, dtype, width)
+        rows.append(row)
+        print(
+            f"sm_{arch} {row['dtype']:8s} W={width:3d} {kernel_name:22s} blocks {row['blocks']} "
+            f"rows/block {row['rows_per_block']} segments {row['segments']}: {row['registers']} "
+            f"registers, {row['spilled_bytes']} bytes spilled, {row['shared_bytes']} bytes shared"
+        )
     return rows
 
 

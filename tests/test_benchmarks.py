@@ -100,3 +100,25 @@ def test_bench_saved_activations_counts_one_layer(tmp_path):
     assert any("_OPERATORS.forward" in line for line in row["locatvit_by_line"])
     assert row["ratio"] == row["locatvit_bytes"] / row["vit_bytes"]
     assert row["locatvit_bytes"] - row["vit_bytes"] == 17 * 192
+
+
+def test_bench_traffic_counts_one_layer_per_image(tmp_path):
+    """The per-layer, per-image traffic count runs (Triton's interpreter, 64 px): each row's totals are the sums of
+    its operators, the profiles' Triton operators are among LocAtViT's with their kernel and absent without it, and
+    the kernel moves fewer bytes in fewer operators than the elementwise formula."""
+    output = tmp_path / "traffic.json"
+    script = ROOT / "benchmarks" / "bench_traffic.py"
+    command = [sys.executable, str(script), "--pixels", "64", "--json", str(output)]
+    completed = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    kernel, formula = json.loads(output.read_text())["results"]
+    assert (kernel["profiles"], formula["profiles"]) == ("kernel", "formula")
+    for row in (kernel, formula):
+        assert row["locatvit_bytes"] == sum(row["locatvit_by_operator"].values())
+        assert row["vit_bytes"] == sum(row["vit_by_operator"].values()) > 0
+        assert row["bytes_ratio"] == row["locatvit_bytes"] / row["vit_bytes"]
+        assert "locatvit.triton_gaussian_attention" in row["locatvit_by_operator"]
+    assert "locatvit.triton_gaussian_profiles_backward" in kernel["locatvit_by_operator"]
+    assert not any("profiles" in name for name in formula["locatvit_by_operator"])
+    assert kernel["locatvit_bytes"] < formula["locatvit_bytes"]
+    assert kernel["locatvit_operators"] < formula["locatvit_operators"]

@@ -25,12 +25,18 @@ triton = pytest.importorskip("triton", reason="the Triton kernel's tests need th
 tl = triton.language
 
 import locatvit_hf.attention_locatvit as attention  # noqa: E402
+import locatvit_hf.modeling_locatvit as modeling  # noqa: E402
 import locatvit_hf.triton_attention_locatvit as triton_attention  # noqa: E402
 from locatvit_hf import LocAtViTForSemanticSegmentation  # noqa: E402
 from locatvit_hf.attention_locatvit import eager_attention, full_bias  # noqa: E402
 from locatvit_hf.cpu_attention_locatvit import fused_cpu_profiles  # noqa: E402
 
-from .conftest import assert_same_training_step, compile_recording_graphs, tiny_config  # noqa: E402
+from .conftest import (  # noqa: E402
+    assert_gradients_close,
+    assert_same_training_step,
+    compile_recording_graphs,
+    tiny_config,
+)
 
 MODULE_PATH = Path(triton_attention.__file__)
 
@@ -298,8 +304,9 @@ def test_compiled_model_traces_the_kernel_as_operators():
 
 
 def test_triton_check_passes_here_and_catches_a_wrong_kernel(monkeypatch, caplog):
-    """The check that guards the automatic choice of the kernel passes for the kernel in every dtype and rejects,
-    with a logged warning that says why, a kernel that drops the row profiles' bias or fails to run."""
+    """The check that guards the automatic choice of the kernels passes for them in every dtype and rejects, with a
+    logged warning that says why, an attention kernel that drops the row profiles' bias or fails to run, and a
+    profiles kernel whose column profiles are 10% too strong."""
     for dtype in triton_attention.DTYPES:
         assert attention.triton_check(torch.device("cpu"), dtype, 16) is None
     kernel = attention.triton_gaussian_attention
@@ -310,11 +317,22 @@ def test_triton_check_passes_here_and_catches_a_wrong_kernel(monkeypatch, caplog
     def failing(*args):
         raise RuntimeError("no kernel image is available for execution on the device")
 
-    for wrong, expected in ((without_row_bias, "off by"), (failing, "failed to run: RuntimeError: no kernel image")):
-        monkeypatch.setattr(attention, "triton_gaussian_attention", wrong)
-        caplog.clear()
-        with caplog.at_level("WARNING", logger=attention.__name__):
-            problem = attention.triton_check(torch.device("cpu"), torch.bfloat16, 16)
+    profiles = attention.triton_gaussian_profiles
+
+    def with_stronger_columns(statistics, *constants):
+        row, col = profiles(statistics, *constants)
+        return row, col * 1.1
+
+    for name, wrong, expected in (
+        ("triton_gaussian_attention", without_row_bias, "the output is off by"),
+        ("triton_gaussian_attention", failing, "failed to run: RuntimeError: no kernel image"),
+        ("triton_gaussian_profiles", with_stronger_columns, "the column profile is off by"),
+    ):
+        with monkeypatch.context() as patch:
+            patch.setattr(attention, name, wrong)
+            caplog.clear()
+            with caplog.at_level("WARNING", logger=attention.__name__):
+                problem = attention.triton_check(torch.device("cpu"), torch.bfloat16, 16)
         assert expected in problem
         assert expected in caplog.text and "the other attention backends run instead" in caplog.text
 
@@ -349,6 +367,125 @@ def test_automatic_choice_takes_the_kernel_where_its_check_passed(monkeypatch):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         compiled(pixel_values, labels=labels, interpolate_pos_encoding=True).loss.backward()
     assert "locatvit.triton_gaussian_attention.default" in graphs[0]
+
+
+def profile_statistics(batch, heads, grid, seed=0):
+    """Statistics as the model passes them (a strided (batch, heads, 3, P) view of a token-major projection) over
+    their whole range, with the edge cases in the first queries: a strength whose softplus is below the flush floor,
+    one past softplus's linear threshold (20), and variance maps far negative (narrow Gaussians, flushed far lines)."""
+    generator = torch.Generator().manual_seed(seed)
+    patches = grid[0] * grid[1]
+    projected = torch.randn(3, batch, patches, heads, generator=generator) * 3
+    projected[2, :, :3] = torch.tensor([-100.0, 25.0, -16.0])[:, None]
+    projected[:2, :, 3] = -30.0
+    return projected.permute(1, 3, 0, 2)
+
+
+def profiles_reference(statistics, grid, side, precision):
+    """`exported_profiles` (plain operators, differentiable) in `precision`, with a model's constants for `side`."""
+    floor, scale = -0.5 * (side - 1) ** 2, float(side**2)
+    return attention.exported_profiles(statistics.to(precision), grid, floor, scale, 0.1)
+
+
+def profiles_kernel(statistics, grid, side):
+    floor, scale = -0.5 * (side - 1) ** 2, float(side**2)
+    table = attention.grid_distance_table(max(grid), floor, scale, torch.float32, "cpu")
+    flush = (attention.PROFILE_FLOOR, attention.FLUSH_CLAMP)
+    return triton_attention.triton_gaussian_profiles(statistics, table, 0.1 / scale, *flush, *grid)
+
+
+@pytest.mark.parametrize("grid", [(14, 14), (2, 14), (5, 3), (3, 40)])
+def test_profiles_kernel_matches_the_reference(grid):
+    """Both profiles and the statistics' gradient against the float64 formula, as close as the float32 formula (the
+    path GPUs took before: twice its error, plus 4 float32 steps of the largest value): square and non-square grids,
+    a grid wider than one step of lines (40 > 16), partial blocks of queries, strided statistics and the edge cases
+    of `profile_statistics`."""
+    side = max(grid)
+    statistics = profile_statistics(2, 3, grid)
+    generator = torch.Generator().manual_seed(1)
+    grad_row = torch.randn(2, 3, grid[0] * grid[1], grid[0], generator=generator)
+    grad_col = torch.randn(2, 3, grid[0] * grid[1], grid[1], generator=generator)
+
+    def run(function):
+        inputs = statistics.detach().clone().requires_grad_()
+        row, col = function(inputs)
+        (grad,) = torch.autograd.grad(
+            (row * grad_row.to(row.dtype)).sum() + (col * grad_col.to(col.dtype)).sum(), inputs
+        )
+        return row, col, grad
+
+    actual = run(lambda inputs: profiles_kernel(inputs, grid, side))
+    low = run(lambda inputs: profiles_reference(inputs, grid, side, torch.float32))
+    exact = run(lambda inputs: profiles_reference(inputs, grid, side, torch.float64))
+    assert actual[0].dtype == actual[1].dtype == actual[2].dtype == torch.float32
+    for name, kernel, float32, float64 in zip(("row", "column", "gradient"), actual, low, exact):
+        error = (kernel.double() - float64).abs().max().item()
+        allowed = 2 * (float32.double() - float64).abs().max().item() + 4 * 2.0**-23 * float64.abs().max().item()
+        assert error <= allowed, (name, error, allowed)
+    # Values flush to exact zeros where the formula's do (the floored strength's row profiles, narrow Gaussians on
+    # large grids), but for the floored strength's own line, whose value is the floor itself, within rounding.
+    assert (exact[0] == 0).any()
+    for kernel, float64 in zip(actual[:2], exact[:2]):
+        flushed = float64 == 0
+        assert (kernel[flushed] <= attention.PROFILE_FLOOR * (1 + 1e-5)).all()
+        assert (kernel[~flushed] > 0).all()
+
+
+def test_profile_operators_pass_opcheck():
+    """Schema, fake implementations, autograd registration and AOT dispatch of both profile operators."""
+    grid = (3, 5)
+    statistics = profile_statistics(1, 2, grid).requires_grad_()
+    table = attention.grid_distance_table(5, -8.0, 25.0, torch.float32, "cpu")
+    arguments = (statistics, table, 0.004, attention.PROFILE_FLOOR, attention.FLUSH_CLAMP, *grid)
+    torch.library.opcheck(torch.ops.locatvit.triton_gaussian_profiles.default, arguments)
+    grad_row, grad_col = torch.randn(1, 2, 15, 3), torch.randn(1, 2, 15, 5)
+    backward_arguments = (grad_row, grad_col, statistics.detach(), table, 0.004, *arguments[3:5])
+    torch.library.opcheck(torch.ops.locatvit.triton_gaussian_profiles_backward.default, backward_arguments)
+
+
+def test_profile_operator_bad_inputs_raise_clear_errors():
+    statistics = profile_statistics(1, 2, (3, 5))
+    table = attention.grid_distance_table(5, -8.0, 25.0, torch.float32, "cpu")
+    constants = (0.004, attention.PROFILE_FLOOR, attention.FLUSH_CLAMP)
+    with pytest.raises(ValueError, match=r"\(batch, heads, 3, H \* W\) for a 4 x 4 grid"):
+        triton_attention.triton_gaussian_profiles(statistics, table, *constants, 4, 4)
+    with pytest.raises(ValueError, match=r"distance table must be \(5, 5\)"):
+        triton_attention.triton_gaussian_profiles(statistics, table[:4, :4], *constants, 3, 5)
+    with pytest.raises(ValueError, match="must be float32"):
+        triton_attention.triton_gaussian_profiles(statistics.double(), table, *constants, 3, 5)
+
+
+def test_model_takes_the_profiles_kernel_with_the_attention_kernel(monkeypatch):
+    """Where the automatic choice takes the Triton kernels (here the CPU under the interpreter, the fused CPU kernel
+    set aside), the Gaussian's profiles come from their Triton kernel: once per layer in forward and once more in
+    backward (recomputed), their gradient from its one operator per layer, and the training step equals the eager
+    reference's (computed before, with the profiles of the fused CPU kernel or the formula), also compiled."""
+    model = LocAtViTForSemanticSegmentation(tiny_config(attention_backend="cuda_triton")).train()
+    reference = LocAtViTForSemanticSegmentation(tiny_config(attention_backend="eager")).train()
+    reference.load_state_dict(model.state_dict())
+    pixel_values, labels = torch.randn(2, 3, 40, 24), torch.randint(0, 5, (2, 40, 24))
+
+    def step(model):
+        loss = model(pixel_values, labels=labels, interpolate_pos_encoding=True).loss
+        loss.backward()
+        return loss.detach()
+
+    expected = step(reference)
+    monkeypatch.setattr(attention, "TRITON_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(modeling, "fused_cpu_profiles", lambda: None)
+    attention.triton_checked(torch.device("cpu"), torch.float32, model.config.head_dim)
+    with OperatorCalls() as calls:
+        torch.testing.assert_close(step(model), expected)
+    assert_gradients_close(model, reference)
+    layers = model.config.num_hidden_layers
+    assert calls.names.count("locatvit.triton_gaussian_profiles.default") == 2 * layers
+    assert calls.names.count("locatvit.triton_gaussian_profiles_backward.default") == layers
+    model.zero_grad(set_to_none=True)
+    compiled, graphs = compile_recording_graphs(model)
+    torch.testing.assert_close(step(compiled), expected)
+    assert_gradients_close(model, reference)
+    assert "locatvit.triton_gaussian_profiles.default" in graphs[0]
+    assert "locatvit.triton_gaussian_profiles_backward.default" in graphs[1]
 
 
 def test_bad_inputs_raise_clear_errors():
@@ -394,8 +531,9 @@ print("ok")
 def test_kernels_compile_for_ampere_and_hopper_within_their_resources(tmp_path):
     """Every kernel, in each dtype, compiled for sm_80 and sm_90 by Triton's own compiler and `ptxas` (no GPU needed,
     `benchmarks/bench_triton.py --compile-only`), at the released models' grid (14 x 14, a CLS token, head size 64)
-    and at a grid whose rows are cut into segments: each fits the device's shared memory per block, and in bfloat16
-    and float16 at the released grid none spills registers (what `_config`'s blocks were chosen for). The interpreter
+    and at a grid whose rows are cut into segments, and the profile kernels (float32) at both grids: each fits the
+    device's shared memory per block; in bfloat16 and float16 at the released grid no attention kernel spills
+    registers (what `_config`'s blocks were chosen for), and no profile kernel spills at all. The interpreter
     tests above check the numbers; this checks that the same kernels build for real GPUs."""
     output = tmp_path / "compile.json"
     command = [
@@ -406,10 +544,15 @@ def test_kernels_compile_for_ampere_and_hopper_within_their_resources(tmp_path):
     completed = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=900)
     assert completed.returncode == 0, completed.stderr[-3000:]
     rows = json.loads(output.read_text())["compile"]
-    assert len(rows) == 2 * 3 * 2 * 4
+    attention_rows = [row for row in rows if not row["kernel"].startswith("profiles")]
+    profile_rows = [row for row in rows if row["kernel"].startswith("profiles")]
+    assert len(attention_rows) == 2 * 3 * 2 * 4 and len(profile_rows) == 2 * 2 * 2
     for row in rows:
         assert row["registers"] is not None and row["spilled_bytes"] is not None, row
-        assert 0 < row["shared_bytes"] <= row["shared_limit"], row
+        assert 0 <= row["shared_bytes"] <= row["shared_limit"], row
+    for row in attention_rows:
+        assert row["shared_bytes"] > 0, row
         assert (row["rows_per_block"], row["segments"]) == ((4, 1) if row["width"] == 14 else (1, 2)), row
         if row["width"] == 14 and row["dtype"] != "float32":
             assert row["spilled_bytes"] == 0, row
+    assert all(row["spilled_bytes"] == 0 and row["dtype"] == "float32" for row in profile_rows)

@@ -11,12 +11,14 @@ arguments and return the output as (batch, N, heads, head_dim) and, for `eager` 
 | `eager` | `attn_implementation="eager"`, and `torch.export` / ONNX export | the reference: the bias written out, softmax in at least float32; returns the probabilities |
 | `sdpa` | otherwise | the bias written once per layer as `sdpa`'s float mask |
 | `cpu_fused` | CPU, float32, no attention dropout, kernel built | the bias added inside a fused C++ kernel from the profiles |
-| `cuda_triton` | CUDA, no attention dropout, once `triton_check` has passed on the device and dtype | a Triton kernel with the bias evaluated inside it, forward and backward |
+| `cuda_triton` | CUDA, no attention dropout, once `triton_check` has passed on the device and dtype | a Triton kernel with the bias evaluated inside it, forward and backward (the profiles, too, from a Triton kernel: `triton_profiles`) |
 | `cuda_chunked` | CUDA training where `cuda_triton` cannot run | the memory-efficient kernel in chunks; the bias recomputed in backward |
 
 In training, `cuda_triton` keeps the kernel's outputs and recomputes the Gaussian's profiles in backward
 (`gaussian_attention`): they are (H + W) floats per query and head, the only thing it would keep that a plain ViT's
-attention does not. Forward hooks on the Gaussian module then also fire during backward.
+attention does not. Forward hooks on the Gaussian module then also fire during backward. Wherever the automatic
+choice would take the Triton kernels (`triton_chosen`), the profiles come from their Triton kernel, whichever backend
+then attends, as on CPU they come from the fused C++ kernel where it is built.
 """
 
 import functools
@@ -34,7 +36,7 @@ from .cpu_attention_locatvit import fused_cpu_attention
 from .triton_attention_locatvit import DTYPES as TRITON_DTYPES
 from .triton_attention_locatvit import MAX_SLICES as MAX_TRITON_SLICES
 from .triton_attention_locatvit import interpreting as triton_interpreting
-from .triton_attention_locatvit import triton_available, triton_gaussian_attention
+from .triton_attention_locatvit import triton_available, triton_gaussian_attention, triton_gaussian_profiles
 
 logger = logging.getLogger(__name__)
 
@@ -52,8 +54,13 @@ def flushed_exp(exponent: torch.Tensor) -> torch.Tensor:
     exponent is clamped first: on CPU, exp takes a slow path for very negative arguments (and -inf), ten to a
     hundred times slower. (With a gradient, `FlushedProfiles` does this.)"""
     if traced():  # the compiler fuses the three steps itself
-        return F.threshold(exponent.clamp(min=FLUSH_CLAMP).exp(), PROFILE_FLOOR, 0.0)
+        return plain_flushed_exp(exponent)
     return flush_exp_(exponent.clamp_(min=FLUSH_CLAMP))
+
+
+def plain_flushed_exp(exponent: torch.Tensor) -> torch.Tensor:
+    """`flushed_exp` in out-of-place operators: what a tracer fuses, and differentiable by autograd."""
+    return F.threshold(exponent.clamp(min=FLUSH_CLAMP).exp(), PROFILE_FLOOR, 0.0)
 
 
 def flush_exp_(clamped: torch.Tensor) -> torch.Tensor:
@@ -149,7 +156,7 @@ def query_distance_tables(
 
 
 def exported_profiles(statistics, grid_size, floor: float, scale: float, eps: float):
-    """`LocAtViTGaussianBias.profiles` for `torch.export` (the same values, elementwise): row (batch, heads, P, H) and
+    """`LocAtViTGaussianBias.profiles` for `torch.export` (the same values, elementwise; differentiable): row (batch, heads, P, H) and
     column (batch, heads, P, W) profiles from `statistics` (batch, heads, 3, P), each from its own (lines, P)
     distance table built by operators from the (symbolic) grid sizes. The stacked (2, max(H, W), P) table would tie
     the export to the sign of H - W (its padding and layout) and the Python cache to concrete sizes."""
@@ -165,7 +172,7 @@ def exported_profiles(statistics, grid_size, floor: float, scale: float, eps: fl
         table = ((-0.5 * (line - position.double()) ** 2).clamp(min=floor) / scale).to(statistics.dtype)
         exponent = table / denominator[..., index, None, :]
         exponent = exponent + log_strength if index == 0 else exponent
-        profiles.append(flushed_exp(exponent).transpose(-1, -2))
+        profiles.append(plain_flushed_exp(exponent).transpose(-1, -2))
     return tuple(profiles)
 
 
@@ -279,8 +286,23 @@ def triton_unavailable(query: torch.Tensor) -> str | None:
     return None
 
 
-# The automatic choice takes the Triton kernel for tensors on these devices, where `triton_check` passes.
+# The automatic choice takes the Triton kernels for tensors on these devices, where `triton_check` passes.
 TRITON_DEVICES = ("cuda",)
+
+
+def triton_chosen(query: torch.Tensor) -> bool:
+    """Whether the automatic choice runs `query`'s layer with the Triton kernels: the attention (`select_backend`)
+    and the Gaussian's profiles (`triton_profiles`)."""
+    if query.device.type not in TRITON_DEVICES or triton_unavailable(query) is not None:
+        return False
+    return triton_checked(query.device, query.dtype, query.shape[-1])
+
+
+def triton_profiles(query: torch.Tensor) -> Callable | None:
+    """`triton_gaussian_profiles` where `triton_chosen(query)`, else None: the profiles in one kernel, and their
+    gradient in one more, instead of about a dozen elementwise passes over (H + W) floats per query in each
+    direction (the traffic that makes a plain ViT's layer cheap on a GPU: benchmarks/bench_traffic.py)."""
+    return triton_gaussian_profiles if triton_chosen(query) else None
 
 
 @torch.compiler.assume_constant_result  # under `torch.compile`: run when traced, a constant in the graph
@@ -290,16 +312,35 @@ def triton_checked(device: torch.device, dtype: torch.dtype, head_dim: int) -> b
 
 
 def triton_check(device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
-    """Runs the Triton kernel once on `device` on a small case (a CLS token and a 2 x 14 grid, two heads: rows as wide
-    as a 224 px model's, whose compiled kernels it then shares), forward and backward, against the eager reference in
-    float64: None if it agrees, else what went wrong (also logged).
+    """Runs the Triton kernels once on `device` on a small case (a CLS token and a 2 x 14 grid, two heads: rows as
+    wide as a 224 px model's, whose compiled kernels it then shares), forward and backward, against the eager
+    reference in float64: the attention in `dtype` (`check_triton_attention`), then the Gaussian's profiles
+    (`check_triton_profiles`). None if they agree, else what went wrong (also logged).
 
-    The automatic choice takes the kernel only where it has run correctly, so that a GPU, driver or Triton release on
-    which it fails to compile or miscomputes gets the other backends instead of wrong results. It agrees if every
+    The automatic choice takes the kernels only where they have run correctly, so that a GPU, driver or Triton release
+    on which they fail to compile or miscompute gets the other backends instead of wrong results. They agree if every
     output and gradient is within twice the eager reference's own error in `dtype`, plus 1/1000 of the largest value
     (four resolution steps in bfloat16 and float16): far below what a miscomputed bias or block would be off by, far
     above the summation order's rounding."""
     generator = torch.Generator().manual_seed(0)
+    try:
+        with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
+            problem = check_triton_attention(device, dtype, head_dim, generator) or check_triton_profiles(
+                device, generator
+            )
+    except Exception as error:  # noqa: BLE001 - any failure to compile or run means: not these kernels here
+        problem = f"it failed to run: {type(error).__name__}: {error}"
+    if problem is not None:
+        logger.warning(
+            "LocAtViT's Triton kernels failed their check on %s in %s with head size %d, so the other attention "
+            "backends run instead (please report this with your GPU, driver, torch and Triton versions): %s",
+            device, dtype, head_dim, problem,
+        )  # fmt: skip
+    return problem
+
+
+def check_triton_attention(device, dtype, head_dim: int, generator: torch.Generator) -> str | None:
+    """`triton_check`'s attention part: output and the five inputs' gradients."""
     height, width = 2, 14
     tokens, patches = 1 + height * width, height * width
     tensors = [torch.randn(1, 2, tokens, head_dim, generator=generator, dtype=torch.float64) for _ in range(3)]
@@ -307,45 +348,70 @@ def triton_check(device: torch.device, dtype: torch.dtype, head_dim: int) -> str
     tensors += [torch.randn(1, 2, patches, width, generator=generator, dtype=torch.float64)]
     scale = head_dim**-0.5
 
-    def outputs(attention, precision):
-        profile_precision = torch.float64 if precision == torch.float64 else torch.float32
-        inputs = [t.to(device, precision) for t in tensors[:3]]
-        inputs += [t.to(device, profile_precision) for t in tensors[3:]]
-        inputs = [t.requires_grad_() for t in inputs]
-        output = attention(*inputs)
-        # quarters in [-1, 1]: the same output gradient in every dtype
-        weight = torch.arange(output.numel(), device=device).remainder(9).view(output.shape) / 4 - 1
-        return [output, *torch.autograd.grad((output * weight.to(output.dtype)).sum(), inputs)]
-
     def eager(q, k, v, row, col):
         return eager_attention(q, k, v, (row, col), scale=scale, dropout=0.0, num_prefix=1)[0]
 
     def kernel(q, k, v, row, col):
         return triton_gaussian_attention(q, k, v, row, col, scale, 1)
 
-    try:
-        with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
-            exact, low, checked = (outputs(*run) for run in ((eager, torch.float64), (eager, dtype), (kernel, dtype)))
-    except Exception as error:  # noqa: BLE001 - any failure to compile or run means: not this kernel here
-        problem = f"it failed to run: {type(error).__name__}: {error}"
-    else:
-        problem = None
-        names = ("output", "query's gradient", "key's gradient", "value's gradient", "row profiles' gradient",
-                 "column profiles' gradient")  # fmt: skip
-        for name, actual, reference, expected in zip(names, checked, low, exact):
-            error = (actual.double() - expected).abs().max().item()
-            tolerance = 2 * (reference.double() - expected).abs().max().item()
-            tolerance += max(4 * torch.finfo(dtype).eps, 1e-3) * expected.abs().max().item()
-            if not error <= tolerance:
-                problem = f"the {name} is off by {error:.3g} (allowed: {tolerance:.3g})"
-                break
-    if problem is not None:
-        logger.warning(
-            "LocAtViT's Triton attention kernel failed its check on %s in %s with head size %d, so the other attention "
-            "backends run instead (please report this with your GPU, driver, torch and Triton versions): %s",
-            device, dtype, head_dim, problem,
-        )  # fmt: skip
-    return problem
+    def outputs(attention, precision):
+        profile_precision = torch.float64 if precision == torch.float64 else torch.float32
+        inputs = [t.to(device, precision) for t in tensors[:3]] + [
+            t.to(device, profile_precision) for t in tensors[3:]
+        ]
+        return outputs_and_gradients(attention, inputs)
+
+    exact, low, checked = (outputs(*run) for run in ((eager, torch.float64), (eager, dtype), (kernel, dtype)))
+    names = ("output", "query's gradient", "key's gradient", "value's gradient", "row profiles' gradient",
+             "column profiles' gradient")  # fmt: skip
+    return disagreement(names, checked, low, exact, dtype)
+
+
+def check_triton_profiles(device, generator: torch.Generator) -> str | None:
+    """`triton_check`'s profiles part, with the constants of a 224 px model (14 x 14 grid): both profiles and the
+    statistics' gradient, in float32 (the profiles' only dtype)."""
+    height, width, side = 2, 14, 14
+    floor, scale, eps = -0.5 * (side - 1) ** 2, float(side**2), 0.1
+    statistics = torch.randn(1, 2, 3, height * width, generator=generator, dtype=torch.float64) * 3
+
+    def eager(statistics):
+        return exported_profiles(statistics, (height, width), floor, scale, eps)
+
+    def kernel(statistics):
+        table = grid_distance_table.__wrapped__(side, floor, scale, torch.float32, device)
+        return triton_gaussian_profiles(statistics, table, eps / scale, PROFILE_FLOOR, FLUSH_CLAMP, height, width)
+
+    exact, low, checked = (
+        outputs_and_gradients(function, [statistics.to(device, precision)])
+        for function, precision in ((eager, torch.float64), (eager, torch.float32), (kernel, torch.float32))
+    )
+    names = ("row profile", "column profile", "statistics' gradient")
+    return disagreement(names, checked, low, exact, torch.float32)
+
+
+def outputs_and_gradients(function, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """`function`'s output(s) and the gradients of its inputs for fixed output gradients: quarters in [-1, 1], the
+    same in every dtype."""
+    inputs = [t.requires_grad_() for t in inputs]
+    outputs = function(*inputs)
+    outputs = list(outputs) if isinstance(outputs, tuple) else [outputs]
+    loss = 0
+    for output in outputs:
+        weight = torch.arange(output.numel(), device=output.device).remainder(9).view(output.shape) / 4 - 1
+        loss = loss + (output * weight.to(output.dtype)).sum()
+    return [*outputs, *torch.autograd.grad(loss, inputs)]
+
+
+def disagreement(names, checked, low, exact, dtype: torch.dtype) -> str | None:
+    """The first of `checked` (in `dtype`) that is off from `exact` (float64) by more than twice `low`'s error (the
+    reference in `dtype`) plus 1/1000 of the largest value, described; None if none is."""
+    for name, actual, reference, expected in zip(names, checked, low, exact):
+        error = (actual.double() - expected).abs().max().item()
+        tolerance = 2 * (reference.double() - expected).abs().max().item()
+        tolerance += max(4 * torch.finfo(dtype).eps, 1e-3) * expected.abs().max().item()
+        if not error <= tolerance:
+            return f"the {name} is off by {error:.3g} (allowed: {tolerance:.3g})"
+    return None
 
 
 cached_triton_check = functools.cache(triton_check)
@@ -384,9 +450,8 @@ def select_backend(query: torch.Tensor, bias, *, implementation: str, forced: st
         return "sdpa"
     if query.device.type == "cpu" and query.dtype == torch.float32:  # an operator `torch.compile` traces
         return "cpu_fused" if fused_cpu_attention() is not None else "sdpa"
-    if query.device.type in TRITON_DEVICES and triton_unavailable(query) is None:
-        if triton_checked(query.device, query.dtype, query.shape[-1]):
-            return "cuda_triton"
+    if triton_chosen(query):
+        return "cuda_triton"
     training = torch.is_grad_enabled() and query.requires_grad
     if training and not traced() and query.device.type == "cuda" and torch.backends.cuda.mem_efficient_sdp_enabled():
         return "sdpa" if backend_unavailable("cuda_chunked", query, bias, dropout) else "cuda_chunked"

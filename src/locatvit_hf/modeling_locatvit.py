@@ -39,6 +39,7 @@ from .attention_locatvit import (
     query_distance_tables,
     reuses_buffers,
     traced,
+    triton_profiles,
 )
 from .configuration_locatvit import LocAtViTConfig
 from .cpu_attention_locatvit import fused_cpu_profiles, gaussian_profiles
@@ -227,8 +228,9 @@ class LocAtViTGaussianBias(nn.Module):
     def forward(self, query: torch.Tensor, grid_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Row (batch, heads, P, H) and column (batch, heads, P, W) profiles of every patch query: the bias of patch
         query i and patch key j = (r, c) is row[i, r] * col[i, c]. Without a gradient (and with a workspace), they
-        are (views of) reused buffers, valid until the next layer's call. On CPU in float32 the fused kernel's
-        `gaussian_profiles_` computes them in one pass (and its backward their gradient), elsewhere `profiles`."""
+        are (views of) reused buffers, valid until the next layer's call. A kernel computes them in one pass (and its
+        backward their gradient): on CPU in float32 the fused kernel's `gaussian_profiles`, on GPUs where the Triton
+        kernels are chosen (`attention_locatvit.triton_profiles`) `triton_gaussian_profiles`; elsewhere `profiles`."""
         if self.training and self.pools_queries_in_training:
             return self._pooled_profiles(query[:, :, NUM_PREFIX_TOKENS:], grid_size)
         statistics = self.statistics(query)[..., NUM_PREFIX_TOKENS:]
@@ -238,14 +240,13 @@ class LocAtViTGaussianBias(nn.Module):
         batch, heads, seq_len, _ = query.shape
         patches, (height, width) = seq_len - NUM_PREFIX_TOKENS, grid_size
         on_cpu = statistics.device.type == "cpu" and statistics.dtype == torch.float32
-        write_profiles = fused_cpu_profiles() if on_cpu else None  # the kernel's operators, traced by `torch.compile`
-        if write_profiles is not None:
-            scale = self.variance_scale(grid_size)
-            table = grid_distance_table.__wrapped__ if traced() else grid_distance_table  # a tracer skips caches
-            distances = table(max(grid_size), self.min_half_sq_distance, scale, torch.float32, "cpu")
-            constants = (distances, self.eps / scale, PROFILE_FLOOR, FLUSH_CLAMP)
-            if not reuses_buffers(self.workspace):  # with its gradient, if one is recorded
-                return gaussian_profiles(statistics, *constants, height, width)
+        # The kernels' operators, traced by `torch.compile`: on CPU the fused C++ kernel, on GPUs the Triton kernels.
+        write_profiles = fused_cpu_profiles() if on_cpu else None
+        kernel_profiles = gaussian_profiles if write_profiles is not None else triton_profiles(query)
+        if kernel_profiles is not None and statistics.dtype == torch.float32:
+            constants = self.kernel_constants(grid_size, query.device)
+            if write_profiles is None or not reuses_buffers(self.workspace):  # with its gradient, if one is recorded
+                return kernel_profiles(statistics, *constants, height, width)
             row = self.workspace.get("row profiles", (batch, heads, patches, height), statistics.dtype, query.device)
             col = self.workspace.get("column profiles", (batch, heads, patches, width), statistics.dtype, query.device)
             write_profiles(row, col, statistics, *constants)
@@ -256,6 +257,14 @@ class LocAtViTGaussianBias(nn.Module):
             shape = (batch, heads, *distances.shape[:2], patches)
             out = self.workspace.get("profiles", shape, statistics.dtype, query.device)
         return self.profiles(statistics, distances, grid_size, out)
+
+    def kernel_constants(self, grid_size: tuple[int, int], device: torch.device) -> tuple:
+        """The profile kernels' arguments after the statistics: the grid's (S, S) distance table
+        (`grid_distance_table`), eps / scale, the flush floor and the exponent's clamp."""
+        scale = self.variance_scale(grid_size)
+        table = grid_distance_table.__wrapped__ if traced() else grid_distance_table  # a tracer skips caches
+        distances = table(max(grid_size), self.min_half_sq_distance, scale, torch.float32, device)
+        return distances, self.eps / scale, PROFILE_FLOOR, FLUSH_CLAMP
 
     def _pooled_profiles(self, patch_queries: torch.Tensor, grid_size: tuple[int, int]):
         """Profiles of the original's training shortcut for large initial grids (`pooled_queries`): the bias on

@@ -20,6 +20,11 @@ Backward: a key-block-major pass for dK and dV, and a query-block-major pass for
 dS = P * (dP - delta) to the gradients of its own queries' profiles (no atomics: each query block owns them). The
 prefix keys' dK and dV are per-query-block partial sums, added up afterwards (a few values per block).
 
+The Gaussian's profiles themselves come from two more kernels (`triton_gaussian_profiles`): each block of queries
+turns its 3 statistics into its (H + W) profile values in registers and writes them once, and the backward computes
+them again to reduce the profiles' gradients to the statistics' (3 values per query): two launches per layer and
+direction where the elementwise formula takes about a dozen passes over the profiles.
+
 Registered as the custom operators `torch.ops.locatvit.triton_gaussian_attention` and `..._backward`, with fake
 implementations and an autograd formula, so that `torch.compile` traces one operator and `torch.library.opcheck`
 checks it. They run CUDA tensors, and CPU tensors under Triton's interpreter (`TRITON_INTERPRET=1` set before the
@@ -514,6 +519,123 @@ def _query_grad_kernel(
     tl.store(gq_ptrs, grad_query.to(GQ.dtype.element_ty), mask=q_mask)
 
 
+# The Gaussian's profiles
+
+
+def _softplus_and_slope(x):
+    """softplus(x) = log(1 + e^x) and its derivative sigmoid(x), in float32 as torch computes them (x itself above
+    20). log1p is written out (log(u) * t / (u - 1) with u = 1 + t rounded) so that it stays exact for small t."""
+    t = tl.exp(tl.minimum(x, 20.0))
+    u = 1.0 + t
+    exact = u == 1.0
+    log1p = tl.where(exact, t, tl.log(u) * (t / tl.where(exact, 1.0, u - 1.0)))
+    softplus = tl.where(x > 20.0, x, log1p)
+    slope = tl.where(x > 20.0, 1.0, t / u)
+    return softplus, slope
+
+
+def _profile_terms(STATS, b, h, ss_b, ss_h, ss_k, ss_q, q, q_ok):
+    """For a block of queries, from their statistics (the row and column variance maps and the strength map, before
+    their activations): the sigmoids of the variance maps, softplus of the strength map and its slope."""
+    stats = STATS + b * ss_b + h * ss_h + q * ss_q
+    x_row = tl.load(stats, mask=q_ok, other=0.0)
+    x_col = tl.load(stats + ss_k, mask=q_ok, other=0.0)
+    x_strength = tl.load(stats + 2 * ss_k, mask=q_ok, other=0.0)
+    softplus, slope = _softplus_and_slope(x_strength)
+    return 1.0 / (1.0 + tl.exp(-x_row)), 1.0 / (1.0 + tl.exp(-x_col)), softplus, slope
+
+
+def _profile_tile(TABLE, position, lines, line_ok, q_ok, denominator, offset, S, floor, clamp):
+    """exp(max(t / denominator + offset, clamp)) for a tile of queries x grid lines, t the distance table's entry
+    between the query's line `position` and each line; values not above `floor` are 0 (NaN stays NaN)."""
+    ok = q_ok[:, None] & line_ok[None, :]
+    distance = tl.load(TABLE + position[:, None] * S + lines[None, :], mask=ok, other=0.0)
+    exponent = distance / denominator[:, None] + offset[:, None]
+    value = tl.exp(tl.maximum(exponent, clamp))
+    return tl.where(value <= floor, 0.0, value), distance, ok
+
+
+def _profiles_kernel(
+    STATS, TABLE, ROW, COL, ss_b, ss_h, ss_k, ss_q, heads, P, H, W, S, eps, floor, clamp,
+    BLOCK_Q: tl.constexpr, BLOCK_S: tl.constexpr,
+):  # fmt: skip
+    """Row (batch * heads, P, H) and column (batch * heads, P, W) profiles of one block of queries from their
+    statistics (batch, heads, 3, P; strided) and the (S, S) distance table."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // heads
+    h = bh % heads
+    q = pid * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    q_ok = q < P
+    q_row = q // W
+    q_col = q % W
+    sigmoid_row, sigmoid_col, softplus, slope = _profile_terms(STATS, b, h, ss_b, ss_h, ss_k, ss_q, q, q_ok)
+    row_denominator = sigmoid_row + eps
+    col_denominator = sigmoid_col + eps
+    log_strength = tl.log(tl.maximum(softplus, floor))  # alpha's share of the row profiles' exponent
+    no_offset = tl.full((BLOCK_Q,), 0.0, tl.float32)
+    for start in range(0, H, BLOCK_S):
+        lines = start + tl.arange(0, BLOCK_S)
+        row, distance, ok = _profile_tile(
+            TABLE, q_row, lines, lines < H, q_ok, row_denominator, log_strength, S, floor, clamp
+        )
+        tl.store(ROW + (bh * P + q[:, None]) * H + lines[None, :], row, mask=ok)
+    for start in range(0, W, BLOCK_S):
+        lines = start + tl.arange(0, BLOCK_S)
+        col, distance, ok = _profile_tile(
+            TABLE, q_col, lines, lines < W, q_ok, col_denominator, no_offset, S, floor, clamp
+        )
+        tl.store(COL + (bh * P + q[:, None]) * W + lines[None, :], col, mask=ok)
+
+
+def _profiles_grad_kernel(
+    GROW, GCOL, STATS, TABLE, GRAD, ss_b, ss_h, ss_k, ss_q, heads, P, H, W, S, eps, floor, clamp,
+    BLOCK_Q: tl.constexpr, BLOCK_S: tl.constexpr,
+):  # fmt: skip
+    """The statistics' gradient (batch * heads, 3, P) of one block of queries from the profiles' gradients, with
+    the profiles computed again: for t the distances, s = sigmoid and den = s(x) + eps,
+        d x_row = -s'(x_row) / den_row^2 * sum_r drow * row * t,   d x_col likewise over the columns,
+        d x_strength = softplus'(x) / softplus(x) * sum_r drow * row   (0 where softplus(x) <= floor)."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // heads
+    h = bh % heads
+    q = pid * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    q_ok = q < P
+    q_row = q // W
+    q_col = q % W
+    sigmoid_row, sigmoid_col, softplus, slope = _profile_terms(STATS, b, h, ss_b, ss_h, ss_k, ss_q, q, q_ok)
+    row_denominator = sigmoid_row + eps
+    col_denominator = sigmoid_col + eps
+    log_strength = tl.log(tl.maximum(softplus, floor))  # alpha's share of the row profiles' exponent
+    no_offset = tl.full((BLOCK_Q,), 0.0, tl.float32)
+    row_sum = tl.full((BLOCK_Q,), 0.0, tl.float32)
+    row_weighted = tl.full((BLOCK_Q,), 0.0, tl.float32)
+    col_weighted = tl.full((BLOCK_Q,), 0.0, tl.float32)
+    for start in range(0, H, BLOCK_S):
+        lines = start + tl.arange(0, BLOCK_S)
+        row, distance, ok = _profile_tile(
+            TABLE, q_row, lines, lines < H, q_ok, row_denominator, log_strength, S, floor, clamp
+        )
+        grad = tl.load(GROW + (bh * P + q[:, None]) * H + lines[None, :], mask=ok, other=0.0) * row
+        row_sum += _sum(grad, axis=1)
+        row_weighted += _sum(grad * distance, axis=1)
+    for start in range(0, W, BLOCK_S):
+        lines = start + tl.arange(0, BLOCK_S)
+        col, distance, ok = _profile_tile(
+            TABLE, q_col, lines, lines < W, q_ok, col_denominator, no_offset, S, floor, clamp
+        )
+        grad = tl.load(GCOL + (bh * P + q[:, None]) * W + lines[None, :], mask=ok, other=0.0) * col
+        col_weighted += _sum(grad * distance, axis=1)
+    grad_row = -row_weighted * sigmoid_row * (1.0 - sigmoid_row) / (row_denominator * row_denominator)
+    grad_col = -col_weighted * sigmoid_col * (1.0 - sigmoid_col) / (col_denominator * col_denominator)
+    grad_strength = tl.where(softplus > floor, row_sum * slope / softplus, 0.0)
+    out = GRAD + bh * 3 * P + q
+    tl.store(out, grad_row, mask=q_ok)
+    tl.store(out + P, grad_col, mask=q_ok)
+    tl.store(out + 2 * P, grad_strength, mask=q_ok)
+
+
 _HELPERS = (
     "_add",
     "_larger",
@@ -531,8 +653,18 @@ _HELPERS = (
     "_unit_in_last_place",
     "_rounding_error_code",
     "_restore_rounded",
+    "_softplus_and_slope",
+    "_profile_terms",
+    "_profile_tile",
 )
-_KERNELS = ("_forward_kernel", "_delta_kernel", "_key_value_grad_kernel", "_query_grad_kernel")
+_KERNELS = (
+    "_forward_kernel",
+    "_delta_kernel",
+    "_key_value_grad_kernel",
+    "_query_grad_kernel",
+    "_profiles_kernel",
+    "_profiles_grad_kernel",
+)
 _build_lock = threading.Lock()
 
 
@@ -803,6 +935,114 @@ def _refuse_double_backward(ctx, *grads):
     )
 
 
+def _check_profiles(statistics, distances, height: int, width: int) -> None:
+    """Clear errors for profile inputs the kernels do not handle."""
+    if statistics.dim() != 4 or statistics.shape[2] != 3 or statistics.shape[3] != height * width:
+        raise ValueError(
+            f"statistics must be (batch, heads, 3, H * W) for a {height} x {width} grid, got {tuple(statistics.shape)}"
+        )
+    side = max(height, width)
+    if distances.shape != (side, side):
+        raise ValueError(f"the distance table must be ({side}, {side}), got {tuple(distances.shape)}")
+    if statistics.dtype != torch.float32 or distances.dtype != torch.float32:
+        raise ValueError(f"statistics and distances must be float32, got {statistics.dtype} and {distances.dtype}")
+    if statistics.device != distances.device or statistics.device.type not in ("cuda", "cpu"):
+        raise ValueError(
+            f"statistics and distances must be on one CUDA device, got {statistics.device}, {distances.device}"
+        )
+    if statistics.shape[0] * statistics.shape[1] > MAX_SLICES:
+        raise ValueError(
+            f"batch x heads exceeds the {MAX_SLICES} (batch, head) slices one call can launch: split the batch"
+        )
+
+
+PROFILE_BLOCKS = (
+    64,
+    16,
+)  # queries per program, grid lines per step (at most 159 registers, no spills, on sm_80 and sm_90)
+PROFILE_LAUNCH = (4, 1)  # warps, pipeline stages
+
+
+def _profiles_launch(kernel, statistics, distances, height, width):
+    """The kernel, its launch grid and the arguments shared by both profile kernels (before their constants)."""
+    batch, heads, _, queries = statistics.shape
+    block_q, block_s = PROFILE_BLOCKS
+    grid = (-(-queries // block_q), batch * heads)
+    shape = (*statistics.stride(), heads, queries, height, width, distances.shape[0])
+    return (
+        kernel[grid],
+        shape,
+        dict(BLOCK_Q=block_q, BLOCK_S=block_s, num_warps=PROFILE_LAUNCH[0], num_stages=PROFILE_LAUNCH[1]),
+    )
+
+
+def _profiles_impl(
+    statistics: torch.Tensor, distances: torch.Tensor, eps: float, floor: float, clamp: float, height: int, width: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row (batch, heads, Q, H) and column (batch, heads, Q, W) profiles of the statistics (batch, heads, 3, Q)."""
+    _check_profiles(statistics, distances, height, width)
+    kernels = _runnable(statistics.device)
+    distances = distances.contiguous()
+    row, col = _profiles_fake(statistics, distances, eps, floor, clamp, height, width)
+    launch, shape, blocks = _profiles_launch(kernels.profiles_kernel, statistics, distances, height, width)
+    with _device_guard(statistics.device):
+        launch(statistics, distances, row, col, *shape, eps, floor, clamp, **blocks)
+    return row, col
+
+
+def _profiles_fake(statistics, distances, eps, floor, clamp, height, width):
+    batch, heads, _, queries = statistics.shape
+    return statistics.new_empty(batch, heads, queries, height), statistics.new_empty(batch, heads, queries, width)
+
+
+def _profiles_backward_impl(
+    grad_row: torch.Tensor,
+    grad_col: torch.Tensor,
+    statistics: torch.Tensor,
+    distances: torch.Tensor,
+    eps: float,
+    floor: float,
+    clamp: float,
+) -> torch.Tensor:
+    """The statistics' gradient (batch, heads, 3, Q), the profiles computed again from them."""
+    height, width = grad_row.shape[-1], grad_col.shape[-1]
+    _check_profiles(statistics, distances, height, width)
+    kernels = _runnable(statistics.device)
+    grad_row, grad_col, distances = (
+        grad_row.float().contiguous(),
+        grad_col.float().contiguous(),
+        distances.contiguous(),
+    )
+    grad = _profiles_backward_fake(grad_row, grad_col, statistics, distances, eps, floor, clamp)
+    launch, shape, blocks = _profiles_launch(kernels.profiles_grad_kernel, statistics, distances, height, width)
+    with _device_guard(statistics.device):
+        launch(grad_row, grad_col, statistics, distances, grad, *shape, eps, floor, clamp, **blocks)
+    return grad
+
+
+def _profiles_backward_fake(grad_row, grad_col, statistics, distances, eps, floor, clamp):
+    return statistics.new_empty(statistics.shape).contiguous()
+
+
+def _profiles_setup_context(ctx, inputs, output) -> None:
+    """Keeps the statistics only (3 floats a query): the backward computes the profiles again."""
+    statistics, distances, eps, floor, clamp, height, width = inputs
+    ctx.save_for_backward(statistics, distances)
+    ctx.constants = (eps, floor, clamp)
+    ctx.grid = (height, width)
+
+
+def _profiles_backward(ctx, grad_row, grad_col):
+    statistics, distances = ctx.saved_tensors
+    batch, heads, _, queries = statistics.shape
+    grad_row, grad_col = (
+        statistics.new_zeros(batch, heads, queries, lines) if grad is None else grad
+        for grad, lines in zip((grad_row, grad_col), ctx.grid)
+    )
+    grad = _OPERATORS.profiles_backward(grad_row, grad_col, statistics, distances, *ctx.constants)
+    return grad, None, None, None, None, None, None
+
+
 def _define_operators() -> SimpleNamespace:
     """`torch.ops.locatvit.triton_gaussian_attention` and its backward operator, for CUDA tensors and (for Triton's
     interpreter) CPU tensors; defining them again (a reloaded module, a remote-code copy) replaces them."""
@@ -815,12 +1055,24 @@ def _define_operators() -> SimpleNamespace:
         "locatvit::triton_gaussian_attention_backward", _attention_backward_impl, mutates_args=(), device_types=devices
     )
     backward.register_fake(_attention_backward_fake)
+    profiles = torch.library.custom_op(
+        "locatvit::triton_gaussian_profiles", _profiles_impl, mutates_args=(), device_types=devices
+    )
+    profiles.register_fake(_profiles_fake)
+    profiles_backward = torch.library.custom_op(
+        "locatvit::triton_gaussian_profiles_backward", _profiles_backward_impl, mutates_args=(), device_types=devices
+    )
+    profiles_backward.register_fake(_profiles_backward_fake)
     operators = SimpleNamespace(
         forward=torch.ops.locatvit.triton_gaussian_attention.default,
         backward=torch.ops.locatvit.triton_gaussian_attention_backward.default,
+        profiles=torch.ops.locatvit.triton_gaussian_profiles.default,
+        profiles_backward=torch.ops.locatvit.triton_gaussian_profiles_backward.default,
     )
     torch.library.register_autograd(operators.forward, _backward, setup_context=_setup_context)
     torch.library.register_autograd(operators.backward, _refuse_double_backward)
+    torch.library.register_autograd(operators.profiles, _profiles_backward, setup_context=_profiles_setup_context)
+    torch.library.register_autograd(operators.profiles_backward, _refuse_double_backward)
     return operators
 
 
@@ -835,3 +1087,11 @@ def triton_gaussian_attention(query, key, value, row, col, scale: float, num_pre
     row = row.float().contiguous()
     col = col.float().contiguous()
     return _OPERATORS.forward(query, key, value, row, col, float(scale), int(num_prefix))[0]
+
+
+def triton_gaussian_profiles(statistics, distances, eps: float, floor: float, clamp: float, height: int, width: int):
+    """Row (batch, heads, Q, H) and column (batch, heads, Q, W) profiles of an H x W grid's Q = H * W queries from
+    their float32 statistics (batch, heads, 3, Q) and the (S, S) distance table, S = max(H, W)
+    (`attention_locatvit.grid_distance_table`): the values of `LocAtViTGaussianBias.profiles`, in one kernel, and in
+    one more for their gradient, which reads only the statistics (the profiles are computed again)."""
+    return _OPERATORS.profiles(statistics, distances, float(eps), float(floor), float(clamp), int(height), int(width))
