@@ -231,7 +231,8 @@ def sweep(case, repeats: int) -> list[dict]:
 # --compile-only: registers, spills and shared memory per kernel, without a GPU
 
 KERNELS = ("forward_kernel", "delta_kernel", "key_value_grad_kernel", "query_grad_kernel")
-PROFILE_KERNELS = ("profiles_kernel", "profiles_grad_kernel")  # float32 only, whatever the attention's dtype
+# `_profiles_kernel` forward and with GRADIENT: float32 only, whatever the attention's dtype
+PROFILE_KERNELS = ("profiles_kernel", "profiles_grad_kernel")
 POINTERS_F32 = {"ROW", "COL", "LSE", "DELTA", "GROW", "GCOL", "PREFIX_GK", "PREFIX_GV", "STATS", "TABLE", "GRAD"}
 POINTERS = POINTERS_F32 | {"Q", "K", "V", "OUT", "RESIDUAL", "GO", "GK", "GV", "GQ"}  # RESIDUAL: int8
 TRITON_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -259,8 +260,9 @@ def compile_kernel(kernel_name: str, arch: int, dtype: torch.dtype, width: int) 
         D=HEAD_DIM, NUM_PREFIX=NUM_PREFIX, ROWS=rows_per_block, SEGMENTED=(splits or 1) > 1,
         IEEE=dtype == torch.float32, STORE_RESIDUAL=dtype != torch.float32, HAS_RESIDUAL=dtype != torch.float32,
         INTERPRET=False, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=HEAD_DIM, BLOCK_Q=block_m, BLOCK_S=block_n,
+        GRADIENT=kernel_name == "profiles_grad_kernel",
     )  # fmt: skip
-    fn = getattr(kernel_module._kernels(), kernel_name)
+    fn = getattr(kernel_module._kernels(), "profiles_kernel" if kernel_name in PROFILE_KERNELS else kernel_name)
     signature, used = {}, {}
     for arg in fn.arg_names:
         if arg in constants:

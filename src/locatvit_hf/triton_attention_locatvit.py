@@ -556,44 +556,13 @@ def _profile_tile(TABLE, position, lines, line_ok, q_ok, denominator, offset, S,
 
 
 def _profiles_kernel(
-    STATS, TABLE, ROW, COL, ss_b, ss_h, ss_k, ss_q, heads, P, H, W, S, eps, floor, clamp,
-    BLOCK_Q: tl.constexpr, BLOCK_S: tl.constexpr,
+    STATS, TABLE, ROW, COL, GRAD, ss_b, ss_h, ss_k, ss_q, heads, P, H, W, S, eps, floor, clamp,
+    GRADIENT: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_S: tl.constexpr,
 ):  # fmt: skip
-    """Row (batch * heads, P, H) and column (batch * heads, P, W) profiles of one block of queries from their
-    statistics (batch, heads, 3, P; strided) and the (S, S) distance table."""
-    pid = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // heads
-    h = bh % heads
-    q = pid * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    q_ok = q < P
-    q_row = q // W
-    q_col = q % W
-    sigmoid_row, sigmoid_col, softplus, slope = _profile_terms(STATS, b, h, ss_b, ss_h, ss_k, ss_q, q, q_ok)
-    row_denominator = sigmoid_row + eps
-    col_denominator = sigmoid_col + eps
-    log_strength = tl.log(tl.maximum(softplus, floor))  # alpha's share of the row profiles' exponent
-    no_offset = tl.full((BLOCK_Q,), 0.0, tl.float32)
-    for start in range(0, H, BLOCK_S):
-        lines = start + tl.arange(0, BLOCK_S)
-        row, distance, ok = _profile_tile(
-            TABLE, q_row, lines, lines < H, q_ok, row_denominator, log_strength, S, floor, clamp
-        )
-        tl.store(ROW + (bh * P + q[:, None]) * H + lines[None, :], row, mask=ok)
-    for start in range(0, W, BLOCK_S):
-        lines = start + tl.arange(0, BLOCK_S)
-        col, distance, ok = _profile_tile(
-            TABLE, q_col, lines, lines < W, q_ok, col_denominator, no_offset, S, floor, clamp
-        )
-        tl.store(COL + (bh * P + q[:, None]) * W + lines[None, :], col, mask=ok)
-
-
-def _profiles_grad_kernel(
-    GROW, GCOL, STATS, TABLE, GRAD, ss_b, ss_h, ss_k, ss_q, heads, P, H, W, S, eps, floor, clamp,
-    BLOCK_Q: tl.constexpr, BLOCK_S: tl.constexpr,
-):  # fmt: skip
-    """The statistics' gradient (batch * heads, 3, P) of one block of queries from the profiles' gradients, with
-    the profiles computed again: for t the distances, s = sigmoid and den = s(x) + eps,
+    """One block of queries' profiles from their statistics (batch, heads, 3, P; strided) and the (S, S) distance
+    table. Forward: writes them to ROW (batch * heads, P, H) and COL (batch * heads, P, W). With GRADIENT: reads the
+    profiles' gradients from ROW and COL and writes the statistics' gradient (batch * heads, 3, P) to GRAD, for t the
+    distances, s = sigmoid and den = s(x) + eps:
         d x_row = -s'(x_row) / den_row^2 * sum_r drow * row * t,   d x_col likewise over the columns,
         d x_strength = softplus'(x) / softplus(x) * sum_r drow * row   (0 where softplus(x) <= floor)."""
     pid = tl.program_id(0)
@@ -602,8 +571,6 @@ def _profiles_grad_kernel(
     h = bh % heads
     q = pid * BLOCK_Q + tl.arange(0, BLOCK_Q)
     q_ok = q < P
-    q_row = q // W
-    q_col = q % W
     sigmoid_row, sigmoid_col, softplus, slope = _profile_terms(STATS, b, h, ss_b, ss_h, ss_k, ss_q, q, q_ok)
     row_denominator = sigmoid_row + eps
     col_denominator = sigmoid_col + eps
@@ -615,25 +582,34 @@ def _profiles_grad_kernel(
     for start in range(0, H, BLOCK_S):
         lines = start + tl.arange(0, BLOCK_S)
         row, distance, ok = _profile_tile(
-            TABLE, q_row, lines, lines < H, q_ok, row_denominator, log_strength, S, floor, clamp
+            TABLE, q // W, lines, lines < H, q_ok, row_denominator, log_strength, S, floor, clamp
         )
-        grad = tl.load(GROW + (bh * P + q[:, None]) * H + lines[None, :], mask=ok, other=0.0) * row
-        row_sum += _sum(grad, axis=1)
-        row_weighted += _sum(grad * distance, axis=1)
+        row_ptrs = ROW + (bh * P + q[:, None]) * H + lines[None, :]
+        if GRADIENT:
+            grad = tl.load(row_ptrs, mask=ok, other=0.0) * row
+            row_sum += _sum(grad, axis=1)
+            row_weighted += _sum(grad * distance, axis=1)
+        else:
+            tl.store(row_ptrs, row, mask=ok)
     for start in range(0, W, BLOCK_S):
         lines = start + tl.arange(0, BLOCK_S)
         col, distance, ok = _profile_tile(
-            TABLE, q_col, lines, lines < W, q_ok, col_denominator, no_offset, S, floor, clamp
+            TABLE, q % W, lines, lines < W, q_ok, col_denominator, no_offset, S, floor, clamp
         )
-        grad = tl.load(GCOL + (bh * P + q[:, None]) * W + lines[None, :], mask=ok, other=0.0) * col
-        col_weighted += _sum(grad * distance, axis=1)
-    grad_row = -row_weighted * sigmoid_row * (1.0 - sigmoid_row) / (row_denominator * row_denominator)
-    grad_col = -col_weighted * sigmoid_col * (1.0 - sigmoid_col) / (col_denominator * col_denominator)
-    grad_strength = tl.where(softplus > floor, row_sum * slope / softplus, 0.0)
-    out = GRAD + bh * 3 * P + q
-    tl.store(out, grad_row, mask=q_ok)
-    tl.store(out + P, grad_col, mask=q_ok)
-    tl.store(out + 2 * P, grad_strength, mask=q_ok)
+        col_ptrs = COL + (bh * P + q[:, None]) * W + lines[None, :]
+        if GRADIENT:
+            col_weighted += _sum(tl.load(col_ptrs, mask=ok, other=0.0) * col * distance, axis=1)
+        else:
+            tl.store(col_ptrs, col, mask=ok)
+    if GRADIENT:
+        out = GRAD + bh * 3 * P + q
+        tl.store(
+            out, -row_weighted * sigmoid_row * (1.0 - sigmoid_row) / (row_denominator * row_denominator), mask=q_ok
+        )
+        tl.store(
+            out + P, -col_weighted * sigmoid_col * (1.0 - sigmoid_col) / (col_denominator * col_denominator), mask=q_ok
+        )
+        tl.store(out + 2 * P, tl.where(softplus > floor, row_sum * slope / softplus, 0.0), mask=q_ok)
 
 
 _HELPERS = (
@@ -663,7 +639,6 @@ _KERNELS = (
     "_key_value_grad_kernel",
     "_query_grad_kernel",
     "_profiles_kernel",
-    "_profiles_grad_kernel",
 )
 _build_lock = threading.Lock()
 
@@ -956,11 +931,10 @@ def _check_profiles(statistics, distances, height: int, width: int) -> None:
         )
 
 
-PROFILE_BLOCKS = (
-    64,
-    16,
-)  # queries per program, grid lines per step (at most 159 registers, no spills, on sm_80 and sm_90)
-PROFILE_LAUNCH = (4, 1)  # warps, pipeline stages
+# The profile kernels' queries per program and grid lines per step, warps and pipeline stages: at most 165
+# registers and no spills on sm_80 and sm_90 (`bench_triton.py --compile-only`; 64 x 32 takes 246-255).
+PROFILE_BLOCKS = (64, 16)
+PROFILE_LAUNCH = (4, 1)
 
 
 def _profiles_launch(kernel, statistics, distances, height, width):
@@ -985,8 +959,8 @@ def _profiles_impl(
     distances = distances.contiguous()
     row, col = _profiles_fake(statistics, distances, eps, floor, clamp, height, width)
     launch, shape, blocks = _profiles_launch(kernels.profiles_kernel, statistics, distances, height, width)
-    with _device_guard(statistics.device):
-        launch(statistics, distances, row, col, *shape, eps, floor, clamp, **blocks)
+    with _device_guard(statistics.device):  # GRAD unused: any float32 pointer
+        launch(statistics, distances, row, col, row, *shape, eps, floor, clamp, GRADIENT=False, **blocks)
     return row, col
 
 
@@ -1014,9 +988,9 @@ def _profiles_backward_impl(
         distances.contiguous(),
     )
     grad = _profiles_backward_fake(grad_row, grad_col, statistics, distances, eps, floor, clamp)
-    launch, shape, blocks = _profiles_launch(kernels.profiles_grad_kernel, statistics, distances, height, width)
+    launch, shape, blocks = _profiles_launch(kernels.profiles_kernel, statistics, distances, height, width)
     with _device_guard(statistics.device):
-        launch(grad_row, grad_col, statistics, distances, grad, *shape, eps, floor, clamp, **blocks)
+        launch(statistics, distances, grad_row, grad_col, grad, *shape, eps, floor, clamp, GRADIENT=True, **blocks)
     return grad
 
 
@@ -1044,31 +1018,22 @@ def _profiles_backward(ctx, grad_row, grad_col):
 
 
 def _define_operators() -> SimpleNamespace:
-    """`torch.ops.locatvit.triton_gaussian_attention` and its backward operator, for CUDA tensors and (for Triton's
-    interpreter) CPU tensors; defining them again (a reloaded module, a remote-code copy) replaces them."""
-    devices = ("cuda", "cpu")
-    forward = torch.library.custom_op(
-        "locatvit::triton_gaussian_attention", _attention_impl, mutates_args=(), device_types=devices
+    """`torch.ops.locatvit.triton_gaussian_attention`, `...triton_gaussian_profiles` and their backward operators,
+    for CUDA tensors and (for Triton's interpreter) CPU tensors; defining them again (a reloaded module, a remote-code
+    copy) replaces them."""
+    definitions = dict(
+        forward=("triton_gaussian_attention", _attention_impl, _attention_fake),
+        backward=("triton_gaussian_attention_backward", _attention_backward_impl, _attention_backward_fake),
+        profiles=("triton_gaussian_profiles", _profiles_impl, _profiles_fake),
+        profiles_backward=("triton_gaussian_profiles_backward", _profiles_backward_impl, _profiles_backward_fake),
     )
-    forward.register_fake(_attention_fake)
-    backward = torch.library.custom_op(
-        "locatvit::triton_gaussian_attention_backward", _attention_backward_impl, mutates_args=(), device_types=devices
-    )
-    backward.register_fake(_attention_backward_fake)
-    profiles = torch.library.custom_op(
-        "locatvit::triton_gaussian_profiles", _profiles_impl, mutates_args=(), device_types=devices
-    )
-    profiles.register_fake(_profiles_fake)
-    profiles_backward = torch.library.custom_op(
-        "locatvit::triton_gaussian_profiles_backward", _profiles_backward_impl, mutates_args=(), device_types=devices
-    )
-    profiles_backward.register_fake(_profiles_backward_fake)
-    operators = SimpleNamespace(
-        forward=torch.ops.locatvit.triton_gaussian_attention.default,
-        backward=torch.ops.locatvit.triton_gaussian_attention_backward.default,
-        profiles=torch.ops.locatvit.triton_gaussian_profiles.default,
-        profiles_backward=torch.ops.locatvit.triton_gaussian_profiles_backward.default,
-    )
+    operators = SimpleNamespace()
+    for key, (name, implementation, fake) in definitions.items():
+        operator = torch.library.custom_op(
+            f"locatvit::{name}", implementation, mutates_args=(), device_types=("cuda", "cpu")
+        )
+        operator.register_fake(fake)
+        setattr(operators, key, getattr(torch.ops.locatvit, name).default)
     torch.library.register_autograd(operators.forward, _backward, setup_context=_setup_context)
     torch.library.register_autograd(operators.backward, _refuse_double_backward)
     torch.library.register_autograd(operators.profiles, _profiles_backward, setup_context=_profiles_setup_context)
