@@ -231,9 +231,21 @@ def sweep(case, repeats: int) -> list[dict]:
 # --compile-only: registers, spills and shared memory per kernel, without a GPU
 
 KERNELS = ("forward_kernel", "delta_kernel", "key_value_grad_kernel", "query_grad_kernel")
-# `_profiles_kernel` forward and with GRADIENT: float32 only, whatever the attention's dtype
-PROFILE_KERNELS = ("profiles_kernel", "profiles_grad_kernel")
-POINTERS_F32 = {"ROW", "COL", "LSE", "DELTA", "GROW", "GCOL", "PREFIX_GK", "PREFIX_GV", "STATS", "TABLE", "GRAD"}
+PROFILE_KERNELS = ("profiles_kernel", "profiles_grad_kernel")  # `_profiles_kernel` forward, and with GRADIENT
+POINTERS_F32 = {
+    "ROW",
+    "COL",
+    "LSE",
+    "DELTA",
+    "GROW",
+    "GCOL",
+    "PREFIX_GK",
+    "PREFIX_GV",
+    "WEIGHT",
+    "BIAS",
+    "TABLE",
+    "GW",
+}
 POINTERS = POINTERS_F32 | {"Q", "K", "V", "OUT", "RESIDUAL", "GO", "GK", "GV", "GQ"}  # RESIDUAL: int8
 TRITON_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 # Shared memory one block may use (bytes, opt-in), as the devices report it: A100, A10/RTX 3090, L4/RTX 4090, H100/H200.
@@ -294,15 +306,12 @@ def compile_kernel(kernel_name: str, arch: int, dtype: torch.dtype, width: int) 
 
 
 def compile_report(architectures: list[int], dtypes: list[torch.dtype], widths: list[int]) -> list[dict]:
-    """`compile_kernel` for every attention kernel, architecture, dtype and grid width (14: 4 grid rows per key block
-    at 64 keys; 32: 2; 64: 1; 100: rows cut into segments), then the profile kernels (float32) for every architecture
-    and width, printed as it goes."""
+    """`compile_kernel` for every kernel, architecture, dtype and grid width (14: 4 grid rows per key block at 64
+    keys; 32: 2; 64: 1; 100: rows cut into segments), printed as it goes."""
     os.environ.pop("TRITON_INTERPRET", None)  # compile, whatever the environment asked for
     rows = []
     cases = [(arch, dtype, width, kernel) for arch in architectures for dtype in dtypes for width in widths
-             for kernel in KERNELS]  # fmt: skip
-    cases += [(arch, torch.float32, width, kernel) for arch in architectures for width in widths
-              for kernel in PROFILE_KERNELS]  # fmt: skip
+             for kernel in KERNELS + PROFILE_KERNELS]  # fmt: skip
     for arch, dtype, width, kernel_name in cases:
         row = compile_kernel(kernel_name, arch, dtype, width)
         rows.append(row)

@@ -299,9 +299,12 @@ def triton_chosen(query: torch.Tensor) -> bool:
 
 
 def triton_profiles(query: torch.Tensor) -> Callable | None:
-    """`triton_gaussian_profiles` where `triton_chosen(query)`, else None: the profiles in one kernel, and their
-    gradient in one more, instead of about a dozen elementwise passes over (H + W) floats per query in each
-    direction (the traffic that makes a plain ViT's layer cheap on a GPU: benchmarks/bench_traffic.py)."""
+    """`triton_gaussian_profiles` where `triton_chosen(query)` (and not exporting), else None: the statistics and the
+    profiles in one kernel, and their gradients in one more, instead of a float32 copy of the queries, a product and
+    about a dozen elementwise passes over (H + W) floats per query in each direction (memory traffic, which bounds a
+    small ViT's layer on a GPU: benchmarks/bench_traffic.py)."""
+    if torch.compiler.is_exporting():  # an exported graph holds plain operators only
+        return None
     return triton_gaussian_profiles if triton_chosen(query) else None
 
 
@@ -326,7 +329,7 @@ def triton_check(device: torch.device, dtype: torch.dtype, head_dim: int) -> str
     try:
         with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
             problem = check_triton_attention(device, dtype, head_dim, generator) or check_triton_profiles(
-                device, generator
+                device, dtype, head_dim, generator
             )
     except Exception as error:  # noqa: BLE001 - any failure to compile or run means: not these kernels here
         problem = f"it failed to run: {type(error).__name__}: {error}"
@@ -367,26 +370,41 @@ def check_triton_attention(device, dtype, head_dim: int, generator: torch.Genera
     return disagreement(names, checked, low, exact, dtype)
 
 
-def check_triton_profiles(device, generator: torch.Generator) -> str | None:
-    """`triton_check`'s profiles part, with the constants of a 224 px model (14 x 14 grid): both profiles and the
-    statistics' gradient, in float32 (the profiles' only dtype)."""
+def check_triton_profiles(device, dtype, head_dim: int, generator: torch.Generator) -> str | None:
+    """`triton_check`'s profiles part, with the constants of a 224 px model (14 x 14 grid): both profiles from
+    queries in `dtype`, and the gradients of the queries and the variance and strength maps' weight and bias."""
     height, width, side = 2, 14, 14
     floor, scale, eps = -0.5 * (side - 1) ** 2, float(side**2), 0.1
-    statistics = torch.randn(1, 2, 3, height * width, generator=generator, dtype=torch.float64) * 3
+    query = torch.randn(1, 2, 1 + height * width, head_dim, generator=generator, dtype=torch.float64)
+    weight = torch.randn(3, head_dim, generator=generator, dtype=torch.float64) * head_dim**-0.5
+    bias = torch.randn(3, generator=generator, dtype=torch.float64)
 
-    def eager(statistics):
-        return exported_profiles(statistics, (height, width), floor, scale, eps)
+    def eager(query, weight, bias):
+        return profiles_of_queries(query, weight, bias, (height, width), floor, scale, eps)
 
-    def kernel(statistics):
+    def kernel(query, weight, bias):
         table = grid_distance_table.__wrapped__(side, floor, scale, torch.float32, device)
-        return triton_gaussian_profiles(statistics, table, eps / scale, PROFILE_FLOOR, FLUSH_CLAMP, height, width)
+        constants = (eps / scale, PROFILE_FLOOR, FLUSH_CLAMP)
+        return triton_gaussian_profiles(query, weight, bias, table, *constants, height, width)
+
+    def inputs(precision):
+        weight_precision = torch.float64 if precision == torch.float64 else torch.float32
+        return [query.to(device, precision), weight.to(device, weight_precision), bias.to(device, weight_precision)]
 
     exact, low, checked = (
-        outputs_and_gradients(function, [statistics.to(device, precision)])
-        for function, precision in ((eager, torch.float64), (eager, torch.float32), (kernel, torch.float32))
+        outputs_and_gradients(function, inputs(precision))
+        for function, precision in ((eager, torch.float64), (eager, dtype), (kernel, dtype))
     )
-    names = ("row profile", "column profile", "statistics' gradient")
-    return disagreement(names, checked, low, exact, torch.float32)
+    names = ("row profile", "column profile", "query's gradient", "maps' weight gradient", "maps' bias gradient")
+    return disagreement(names, checked, low, exact, dtype)
+
+
+def profiles_of_queries(query, weight, bias, grid_size, floor: float, scale: float, eps: float):
+    """`exported_profiles` of the statistics weight q + bias (in the weight's dtype) of `query`'s (batch, heads, N,
+    D) patch queries, its last H * W: what `triton_gaussian_profiles` computes, in plain operators."""
+    patches = query[:, :, query.shape[2] - grid_size[0] * grid_size[1] :].to(weight.dtype)
+    statistics = (patches @ weight.t() + bias).transpose(-1, -2)
+    return exported_profiles(statistics, grid_size, floor, scale, eps)
 
 
 def outputs_and_gradients(function, inputs: list[torch.Tensor]) -> list[torch.Tensor]:

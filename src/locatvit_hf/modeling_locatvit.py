@@ -167,6 +167,13 @@ class LocAtViTGaussianBias(nn.Module):
             return query_distance_tables.__wrapped__(*args, device)
         return query_distance_tables(*args, torch.device(device))
 
+    def statistics_map(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The variance and strength maps as one (3, head_dim) weight and (3,) bias in `dtype`, the variance's shift
+        in the bias: statistics = weight q + bias."""
+        weight = torch.cat((self.variance_proj.weight, self.strength_proj.weight)).to(dtype)
+        bias = torch.cat((self.variance_proj.bias - self.variance_shift, self.strength_proj.bias)).to(dtype)
+        return weight, bias
+
     def statistics(self, queries: torch.Tensor) -> torch.Tensor:
         """The variance (2: row, column) and strength (1) maps' outputs, before their activations, for `queries`
         (batch, heads, tokens, head_dim): a tokens-last (batch, heads, 3, tokens) view, in float32 (float64 for
@@ -175,8 +182,7 @@ class LocAtViTGaussianBias(nn.Module):
         with torch.autocast(device_type=queries.device.type, enabled=False):
             # Both maps in one matmul over the token-major layout the q projection wrote (no copy for its view), as
             # (3, head_dim) x (head_dim, batch * tokens * heads): twice as fast as the tall-and-thin product.
-            weight = torch.cat((self.variance_proj.weight, self.strength_proj.weight)).to(dtype)
-            bias = torch.cat((self.variance_proj.bias - self.variance_shift, self.strength_proj.bias)).to(dtype)
+            weight, bias = self.statistics_map(dtype)
             batch, heads, tokens, head_dim = queries.shape
             token_major = queries.transpose(1, 2).reshape(-1, head_dim)
             if token_major.dtype != dtype and torch.is_grad_enabled() and not traced():
@@ -230,23 +236,27 @@ class LocAtViTGaussianBias(nn.Module):
         query i and patch key j = (r, c) is row[i, r] * col[i, c]. Without a gradient (and with a workspace), they
         are (views of) reused buffers, valid until the next layer's call. A kernel computes them in one pass (and its
         backward their gradient): on CPU in float32 the fused kernel's `gaussian_profiles`, on GPUs where the Triton
-        kernels are chosen (`attention_locatvit.triton_profiles`) `triton_gaussian_profiles`; elsewhere `profiles`."""
+        kernels are chosen (`attention_locatvit.triton_profiles`) `triton_gaussian_profiles`, which computes the
+        statistics too; elsewhere `profiles`."""
         if self.training and self.pools_queries_in_training:
             return self._pooled_profiles(query[:, :, NUM_PREFIX_TOKENS:], grid_size)
+        height, width = grid_size
+        if (kernel := triton_profiles(query)) is not None:  # the statistics, too, inside the kernel
+            with torch.autocast(device_type=query.device.type, enabled=False):
+                weight, bias = self.statistics_map(torch.float32)
+                return kernel(query, weight, bias, *self.kernel_constants(grid_size, query.device), height, width)
         statistics = self.statistics(query)[..., NUM_PREFIX_TOKENS:]
         if torch.compiler.is_exporting():  # plain operators of symbolic sizes; contiguous: no guard on the batch size
             scale = self.variance_scale(grid_size)
             return exported_profiles(statistics.contiguous(), grid_size, self.min_half_sq_distance, scale, self.eps)
         batch, heads, seq_len, _ = query.shape
-        patches, (height, width) = seq_len - NUM_PREFIX_TOKENS, grid_size
+        patches = seq_len - NUM_PREFIX_TOKENS
         on_cpu = statistics.device.type == "cpu" and statistics.dtype == torch.float32
-        # The kernels' operators, traced by `torch.compile`: on CPU the fused C++ kernel, on GPUs the Triton kernels.
-        write_profiles = fused_cpu_profiles() if on_cpu else None
-        kernel_profiles = gaussian_profiles if write_profiles is not None else triton_profiles(query)
-        if kernel_profiles is not None and statistics.dtype == torch.float32:
+        write_profiles = fused_cpu_profiles() if on_cpu else None  # the kernel's operators, traced by `torch.compile`
+        if write_profiles is not None:
             constants = self.kernel_constants(grid_size, query.device)
-            if write_profiles is None or not reuses_buffers(self.workspace):  # with its gradient, if one is recorded
-                return kernel_profiles(statistics, *constants, height, width)
+            if not reuses_buffers(self.workspace):  # with its gradient, if one is recorded
+                return gaussian_profiles(statistics, *constants, height, width)
             row = self.workspace.get("row profiles", (batch, heads, patches, height), statistics.dtype, query.device)
             col = self.workspace.get("column profiles", (batch, heads, patches, width), statistics.dtype, query.device)
             write_profiles(row, col, statistics, *constants)

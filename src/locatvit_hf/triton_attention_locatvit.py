@@ -20,10 +20,12 @@ Backward: a key-block-major pass for dK and dV, and a query-block-major pass for
 dS = P * (dP - delta) to the gradients of its own queries' profiles (no atomics: each query block owns them). The
 prefix keys' dK and dV are per-query-block partial sums, added up afterwards (a few values per block).
 
-The Gaussian's profiles themselves come from two more kernels (`triton_gaussian_profiles`): each block of queries
-turns its 3 statistics into its (H + W) profile values in registers and writes them once, and the backward computes
-them again to reduce the profiles' gradients to the statistics' (3 values per query): two launches per layer and
-direction where the elementwise formula takes about a dozen passes over the profiles.
+The Gaussian's profiles themselves come from one more kernel (`triton_gaussian_profiles`), run once forward and once
+backward: each block of queries computes its 3 statistics (the variance and strength maps, in float32) from the
+queries and its (H + W) profile values in registers and writes them once; the backward computes them again, reduces
+the profiles' gradients to the statistics' and those to the queries', the maps' weight and bias. Without it, a layer
+takes a float32 copy of the queries, a matrix product and about a dozen elementwise passes over the profiles, each
+way.
 
 Registered as the custom operators `torch.ops.locatvit.triton_gaussian_attention` and `..._backward`, with fake
 implementations and an autograd formula, so that `torch.compile` traces one operator and `torch.library.opcheck`
@@ -534,13 +536,9 @@ def _softplus_and_slope(x):
     return softplus, slope
 
 
-def _profile_terms(STATS, b, h, ss_b, ss_h, ss_k, ss_q, q, q_ok):
-    """For a block of queries, from their statistics (the row and column variance maps and the strength map, before
-    their activations): the sigmoids of the variance maps, softplus of the strength map and its slope."""
-    stats = STATS + b * ss_b + h * ss_h + q * ss_q
-    x_row = tl.load(stats, mask=q_ok, other=0.0)
-    x_col = tl.load(stats + ss_k, mask=q_ok, other=0.0)
-    x_strength = tl.load(stats + 2 * ss_k, mask=q_ok, other=0.0)
+def _profile_terms(x_row, x_col, x_strength):
+    """From a block of queries' statistics (the row and column variance maps and the strength map, before their
+    activations): the sigmoids of the variance maps, softplus of the strength map and its slope."""
     softplus, slope = _softplus_and_slope(x_strength)
     return 1.0 / (1.0 + tl.exp(-x_row)), 1.0 / (1.0 + tl.exp(-x_col)), softplus, slope
 
@@ -556,22 +554,41 @@ def _profile_tile(TABLE, position, lines, line_ok, q_ok, denominator, offset, S,
 
 
 def _profiles_kernel(
-    STATS, TABLE, ROW, COL, GRAD, ss_b, ss_h, ss_k, ss_q, heads, P, H, W, S, eps, floor, clamp,
-    GRADIENT: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_S: tl.constexpr,
+    Q, WEIGHT, BIAS, TABLE, ROW, COL, GQ, GW,
+    sq_b, sq_h, sq_n, sq_d, sgq_b, sgq_h, sgq_n, sgq_d, heads, P, H, W, S, eps, floor, clamp,
+    D: tl.constexpr, NUM_PREFIX: tl.constexpr, GRADIENT: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    """One block of queries' profiles from their statistics (batch, heads, 3, P; strided) and the (S, S) distance
-    table. Forward: writes them to ROW (batch * heads, P, H) and COL (batch * heads, P, W). With GRADIENT: reads the
-    profiles' gradients from ROW and COL and writes the statistics' gradient (batch * heads, 3, P) to GRAD, for t the
-    distances, s = sigmoid and den = s(x) + eps:
+    """One block of patch queries' profiles, from the queries (batch, heads, N, D; strided), the variance and
+    strength maps' float32 WEIGHT (3, D) and BIAS (3) and the (S, S) distance table: the statistics x = WEIGHT q + BIAS
+    in float32, then the profiles. Forward: writes them to ROW (batch * heads, P, H) and COL (batch * heads, P, W).
+
+    With GRADIENT: reads the profiles' gradients from ROW and COL and reduces them to the statistics' gradient, for t
+    the distances, s = sigmoid and den = s(x) + eps:
         d x_row = -s'(x_row) / den_row^2 * sum_r drow * row * t,   d x_col likewise over the columns,
-        d x_strength = softplus'(x) / softplus(x) * sum_r drow * row   (0 where softplus(x) <= floor)."""
+        d x_strength = softplus'(x) / softplus(x) * sum_r drow * row   (0 where softplus(x) <= floor);
+    then writes the queries' gradient WEIGHT^T dx to GQ (strided like Q; the prefix rows are left to the caller) and
+    this block's share of the weight's and bias's gradients, dx q^T and dx, to GW (batch * heads, blocks, 3, D + 1)."""
     pid = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // heads
     h = bh % heads
     q = pid * BLOCK_Q + tl.arange(0, BLOCK_Q)
     q_ok = q < P
-    sigmoid_row, sigmoid_col, softplus, slope = _profile_terms(STATS, b, h, ss_b, ss_h, ss_k, ss_q, q, q_ok)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = _head_mask(d, D, BLOCK_D)
+    q_mask = q_ok[:, None] & d_ok[None, :]
+    queries = tl.load(
+        Q + b * sq_b + h * sq_h + (NUM_PREFIX + q)[:, None] * sq_n + d[None, :] * sq_d, mask=q_mask, other=0.0
+    )
+    queries = queries.to(tl.float32)
+    weight_row = tl.load(WEIGHT + d, mask=d_ok, other=0.0)
+    weight_col = tl.load(WEIGHT + D + d, mask=d_ok, other=0.0)
+    weight_strength = tl.load(WEIGHT + 2 * D + d, mask=d_ok, other=0.0)
+    x_row = _sum(queries * weight_row[None, :], axis=1) + tl.load(BIAS)
+    x_col = _sum(queries * weight_col[None, :], axis=1) + tl.load(BIAS + 1)
+    x_strength = _sum(queries * weight_strength[None, :], axis=1) + tl.load(BIAS + 2)
+    sigmoid_row, sigmoid_col, softplus, slope = _profile_terms(x_row, x_col, x_strength)
     row_denominator = sigmoid_row + eps
     col_denominator = sigmoid_col + eps
     log_strength = tl.log(tl.maximum(softplus, floor))  # alpha's share of the row profiles' exponent
@@ -601,15 +618,21 @@ def _profiles_kernel(
             col_weighted += _sum(tl.load(col_ptrs, mask=ok, other=0.0) * col * distance, axis=1)
         else:
             tl.store(col_ptrs, col, mask=ok)
-    if GRADIENT:
-        out = GRAD + bh * 3 * P + q
-        tl.store(
-            out, -row_weighted * sigmoid_row * (1.0 - sigmoid_row) / (row_denominator * row_denominator), mask=q_ok
-        )
-        tl.store(
-            out + P, -col_weighted * sigmoid_col * (1.0 - sigmoid_col) / (col_denominator * col_denominator), mask=q_ok
-        )
-        tl.store(out + 2 * P, tl.where(softplus > floor, row_sum * slope / softplus, 0.0), mask=q_ok)
+    if GRADIENT:  # rows past P have all-zero gradients: their loads were masked
+        grad_row = -row_weighted * sigmoid_row * (1.0 - sigmoid_row) / (row_denominator * row_denominator)
+        grad_col = -col_weighted * sigmoid_col * (1.0 - sigmoid_col) / (col_denominator * col_denominator)
+        grad_strength = tl.where(softplus > floor, row_sum * slope / softplus, 0.0)
+        grad_queries = grad_row[:, None] * weight_row[None, :] + grad_col[:, None] * weight_col[None, :]
+        grad_queries += grad_strength[:, None] * weight_strength[None, :]
+        gq_ptrs = GQ + b * sgq_b + h * sgq_h + (NUM_PREFIX + q)[:, None] * sgq_n + d[None, :] * sgq_d
+        tl.store(gq_ptrs, grad_queries.to(GQ.dtype.element_ty), mask=q_mask)
+        partial = GW + (bh * tl.num_programs(0) + pid) * 3 * (D + 1)
+        tl.store(partial + d, _sum(grad_row[:, None] * queries, axis=0), mask=d_ok)
+        tl.store(partial + (D + 1) + d, _sum(grad_col[:, None] * queries, axis=0), mask=d_ok)
+        tl.store(partial + 2 * (D + 1) + d, _sum(grad_strength[:, None] * queries, axis=0), mask=d_ok)
+        tl.store(partial + D, _sum(grad_row, axis=0))
+        tl.store(partial + 2 * D + 1, _sum(grad_col, axis=0))
+        tl.store(partial + 3 * D + 2, _sum(grad_strength, axis=0))
 
 
 _HELPERS = (
@@ -894,11 +917,14 @@ def _setup_context(ctx, inputs, output) -> None:
     query, key, value, row, col, scale, num_prefix = inputs
     attended, logsumexp, residual = output
     ctx.mark_non_differentiable(logsumexp, residual)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for the auxiliary outputs
     ctx.save_for_backward(query, key, value, row, col, attended, logsumexp, residual)
     ctx.scale, ctx.num_prefix = scale, num_prefix
 
 
 def _backward(ctx, grad_output, _grad_logsumexp, _grad_residual):
+    if grad_output is None:  # the output itself took no part in the loss
+        return (None,) * 7
     grads = _OPERATORS.backward(grad_output, *ctx.saved_tensors, ctx.scale, ctx.num_prefix)
     return *(grad if needed else None for grad, needed in zip(grads, ctx.needs_input_grad)), None, None
 
@@ -910,111 +936,133 @@ def _refuse_double_backward(ctx, *grads):
     )
 
 
-def _check_profiles(statistics, distances, height: int, width: int) -> None:
-    """Clear errors for profile inputs the kernels do not handle."""
-    if statistics.dim() != 4 or statistics.shape[2] != 3 or statistics.shape[3] != height * width:
+def _check_profiles(query, weight, bias, distances, height: int, width: int) -> None:
+    """Clear errors for profile inputs the kernel does not handle."""
+    if query.dim() != 4 or query.dtype not in DTYPES or not 1 <= query.shape[-1] <= MAX_HEAD_DIM:
         raise ValueError(
-            f"statistics must be (batch, heads, 3, H * W) for a {height} x {width} grid, got {tuple(statistics.shape)}"
+            f"query must be (batch, heads, N, head_dim) in one of {DTYPES} with a head size up to {MAX_HEAD_DIM}, "
+            f"got {tuple(query.shape)} in {query.dtype}"
+        )
+    if not 0 <= query.shape[2] - height * width <= MAX_PREFIX:
+        raise ValueError(
+            f"{query.shape[2]} tokens do not fit a {height} x {width} grid with at most {MAX_PREFIX} prefix tokens"
+        )
+    if weight.shape != (3, query.shape[-1]) or bias.shape != (3,):
+        raise ValueError(
+            f"the variance and strength maps' weight and bias must be (3, {query.shape[-1]}) and (3,), got "
+            f"{tuple(weight.shape)} and {tuple(bias.shape)}"
         )
     side = max(height, width)
     if distances.shape != (side, side):
         raise ValueError(f"the distance table must be ({side}, {side}), got {tuple(distances.shape)}")
-    if statistics.dtype != torch.float32 or distances.dtype != torch.float32:
-        raise ValueError(f"statistics and distances must be float32, got {statistics.dtype} and {distances.dtype}")
-    if statistics.device != distances.device or statistics.device.type not in ("cuda", "cpu"):
+    if {weight.dtype, bias.dtype, distances.dtype} != {torch.float32}:
         raise ValueError(
-            f"statistics and distances must be on one CUDA device, got {statistics.device}, {distances.device}"
+            f"weight, bias and distances must be float32, got {weight.dtype}, {bias.dtype} and {distances.dtype}"
         )
-    if statistics.shape[0] * statistics.shape[1] > MAX_SLICES:
+    devices = {t.device for t in (query, weight, bias, distances)}
+    if len(devices) != 1 or query.device.type not in ("cuda", "cpu"):
+        raise ValueError(f"all inputs must be on one CUDA device, got {sorted(map(str, devices))}")
+    if query.shape[0] * query.shape[1] > MAX_SLICES:
         raise ValueError(
             f"batch x heads exceeds the {MAX_SLICES} (batch, head) slices one call can launch: split the batch"
         )
 
 
-# The profile kernels' queries per program and grid lines per step, warps and pipeline stages: at most 165
-# registers and no spills on sm_80 and sm_90 (`bench_triton.py --compile-only`; 64 x 32 takes 246-255).
-PROFILE_BLOCKS = (64, 16)
-PROFILE_LAUNCH = (4, 1)
+# The profile kernel's queries per program and grid lines per step, warps and pipeline stages: at most 110
+# registers and no spills on sm_80 and sm_90 at head size 64 (`bench_triton.py --compile-only`; with 64 queries and
+# 4 warps the gradient takes 255 and spills).
+PROFILE_BLOCKS = (32, 16)
+PROFILE_LAUNCH = (8, 1)
 
 
-def _profiles_launch(kernel, statistics, distances, height, width):
-    """The kernel, its launch grid and the arguments shared by both profile kernels (before their constants)."""
-    batch, heads, _, queries = statistics.shape
+def _profiles_launch(kernel, query, distances, height: int, width: int, gradient: bool):
+    """The kernel launcher for `query`, and its arguments after the strides and before the constants' keywords."""
+    batch, heads, seq_len, dim = query.shape
     block_q, block_s = PROFILE_BLOCKS
-    grid = (-(-queries // block_q), batch * heads)
-    shape = (*statistics.stride(), heads, queries, height, width, distances.shape[0])
-    return (
-        kernel[grid],
-        shape,
-        dict(BLOCK_Q=block_q, BLOCK_S=block_s, num_warps=PROFILE_LAUNCH[0], num_stages=PROFILE_LAUNCH[1]),
-    )
+    grid = (-(-(height * width) // block_q), batch * heads)
+    meta = dict(
+        D=dim, NUM_PREFIX=seq_len - height * width, GRADIENT=gradient, BLOCK_Q=block_q, BLOCK_S=block_s,
+        BLOCK_D=max(16, _next_power_of_2(dim)), num_warps=PROFILE_LAUNCH[0], num_stages=PROFILE_LAUNCH[1],
+    )  # fmt: skip
+    return kernel[grid], (heads, height * width, height, width, distances.shape[0]), meta
 
 
 def _profiles_impl(
-    statistics: torch.Tensor, distances: torch.Tensor, eps: float, floor: float, clamp: float, height: int, width: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row (batch, heads, Q, H) and column (batch, heads, Q, W) profiles of the statistics (batch, heads, 3, Q)."""
-    _check_profiles(statistics, distances, height, width)
-    kernels = _runnable(statistics.device)
-    distances = distances.contiguous()
-    row, col = _profiles_fake(statistics, distances, eps, floor, clamp, height, width)
-    launch, shape, blocks = _profiles_launch(kernels.profiles_kernel, statistics, distances, height, width)
-    with _device_guard(statistics.device):  # GRAD unused: any float32 pointer
-        launch(statistics, distances, row, col, row, *shape, eps, floor, clamp, GRADIENT=False, **blocks)
+    query: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, distances: torch.Tensor,
+    eps: float, floor: float, clamp: float, height: int, width: int,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Row (batch, heads, P, H) and column (batch, heads, P, W) profiles of the patch queries."""
+    _check_profiles(query, weight, bias, distances, height, width)
+    kernels = _runnable(query.device)
+    weight, bias, distances = weight.contiguous(), bias.contiguous(), distances.contiguous()
+    row, col = _profiles_fake(query, weight, bias, distances, eps, floor, clamp, height, width)
+    launch, sizes, meta = _profiles_launch(kernels.profiles_kernel, query, distances, height, width, gradient=False)
+    with _device_guard(query.device):  # GQ and GW unused: any pointers
+        launch(
+            query, weight, bias, distances, row, col, query, row, *query.stride(), *query.stride(), *sizes,
+            eps, floor, clamp, **meta,
+        )  # fmt: skip
     return row, col
 
 
-def _profiles_fake(statistics, distances, eps, floor, clamp, height, width):
-    batch, heads, _, queries = statistics.shape
-    return statistics.new_empty(batch, heads, queries, height), statistics.new_empty(batch, heads, queries, width)
+def _profiles_fake(query, weight, bias, distances, eps, floor, clamp, height, width):
+    batch, heads = query.shape[:2]
+    shape = (batch, heads, height * width)
+    return query.new_empty(*shape, height, dtype=torch.float32), query.new_empty(*shape, width, dtype=torch.float32)
 
 
 def _profiles_backward_impl(
-    grad_row: torch.Tensor,
-    grad_col: torch.Tensor,
-    statistics: torch.Tensor,
-    distances: torch.Tensor,
-    eps: float,
-    floor: float,
-    clamp: float,
-) -> torch.Tensor:
-    """The statistics' gradient (batch, heads, 3, Q), the profiles computed again from them."""
+    grad_row: torch.Tensor, grad_col: torch.Tensor, query: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+    distances: torch.Tensor, eps: float, floor: float, clamp: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The gradients of the query (a (batch, heads, N, D) view of a token-major tensor, 0 at the prefix tokens), the
+    weight and the bias, the profiles computed again."""
     height, width = grad_row.shape[-1], grad_col.shape[-1]
-    _check_profiles(statistics, distances, height, width)
-    kernels = _runnable(statistics.device)
-    grad_row, grad_col, distances = (
-        grad_row.float().contiguous(),
-        grad_col.float().contiguous(),
-        distances.contiguous(),
+    _check_profiles(query, weight, bias, distances, height, width)
+    kernels = _runnable(query.device)
+    weight, bias, distances = weight.contiguous(), bias.contiguous(), distances.contiguous()
+    grad_row, grad_col = grad_row.float().contiguous(), grad_col.float().contiguous()
+    grad_query, grad_weight, grad_bias = _profiles_backward_fake(
+        grad_row, grad_col, query, weight, bias, distances, eps, floor, clamp
     )
-    grad = _profiles_backward_fake(grad_row, grad_col, statistics, distances, eps, floor, clamp)
-    launch, shape, blocks = _profiles_launch(kernels.profiles_kernel, statistics, distances, height, width)
-    with _device_guard(statistics.device):
-        launch(statistics, distances, grad_row, grad_col, grad, *shape, eps, floor, clamp, GRADIENT=True, **blocks)
-    return grad
+    launch, sizes, meta = _profiles_launch(kernels.profiles_kernel, query, distances, height, width, gradient=True)
+    batch, heads, _, dim = query.shape
+    blocks = -(-(height * width) // PROFILE_BLOCKS[0])
+    partial = torch.empty(batch * heads * blocks, 3, dim + 1, dtype=torch.float32, device=query.device)
+    with _device_guard(query.device):
+        launch(
+            query, weight, bias, distances, grad_row, grad_col, grad_query, partial, *query.stride(),
+            *grad_query.stride(), *sizes, eps, floor, clamp, **meta,
+        )  # fmt: skip
+    grad_query[:, :, : meta["NUM_PREFIX"]] = 0
+    totals = partial.sum(0)
+    grad_weight.copy_(totals[:, :dim])
+    grad_bias.copy_(totals[:, dim])
+    return grad_query, grad_weight, grad_bias
 
 
-def _profiles_backward_fake(grad_row, grad_col, statistics, distances, eps, floor, clamp):
-    return statistics.new_empty(statistics.shape).contiguous()
+def _profiles_backward_fake(grad_row, grad_col, query, weight, bias, distances, eps, floor, clamp):
+    return _token_major(query).transpose(1, 2), torch.empty_like(weight), torch.empty_like(bias)
 
 
 def _profiles_setup_context(ctx, inputs, output) -> None:
-    """Keeps the statistics only (3 floats a query): the backward computes the profiles again."""
-    statistics, distances, eps, floor, clamp, height, width = inputs
-    ctx.save_for_backward(statistics, distances)
+    """Keeps the inputs (the queries, which the attention keeps too): the backward computes the profiles again."""
+    query, weight, bias, distances, eps, floor, clamp, height, width = inputs
+    ctx.save_for_backward(query, weight, bias, distances)
     ctx.constants = (eps, floor, clamp)
     ctx.grid = (height, width)
 
 
 def _profiles_backward(ctx, grad_row, grad_col):
-    statistics, distances = ctx.saved_tensors
-    batch, heads, _, queries = statistics.shape
+    query, weight, bias, distances = ctx.saved_tensors
+    batch, heads = query.shape[:2]
+    patches = ctx.grid[0] * ctx.grid[1]
     grad_row, grad_col = (
-        statistics.new_zeros(batch, heads, queries, lines) if grad is None else grad
+        torch.zeros(batch, heads, patches, lines, device=query.device) if grad is None else grad
         for grad, lines in zip((grad_row, grad_col), ctx.grid)
     )
-    grad = _OPERATORS.profiles_backward(grad_row, grad_col, statistics, distances, *ctx.constants)
-    return grad, None, None, None, None, None, None
+    grads = _OPERATORS.profiles_backward(grad_row, grad_col, query, weight, bias, distances, *ctx.constants)
+    return *(grad if needed else None for grad, needed in zip(grads, ctx.needs_input_grad)), *([None] * 6)
 
 
 def _define_operators() -> SimpleNamespace:
@@ -1054,9 +1102,15 @@ def triton_gaussian_attention(query, key, value, row, col, scale: float, num_pre
     return _OPERATORS.forward(query, key, value, row, col, float(scale), int(num_prefix))[0]
 
 
-def triton_gaussian_profiles(statistics, distances, eps: float, floor: float, clamp: float, height: int, width: int):
-    """Row (batch, heads, Q, H) and column (batch, heads, Q, W) profiles of an H x W grid's Q = H * W queries from
-    their float32 statistics (batch, heads, 3, Q) and the (S, S) distance table, S = max(H, W)
-    (`attention_locatvit.grid_distance_table`): the values of `LocAtViTGaussianBias.profiles`, in one kernel, and in
-    one more for their gradient, which reads only the statistics (the profiles are computed again)."""
-    return _OPERATORS.profiles(statistics, distances, float(eps), float(floor), float(clamp), int(height), int(width))
+def triton_gaussian_profiles(
+    query, weight, bias, distances, eps: float, floor: float, clamp: float, height: int, width: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row (batch, heads, P, H) and column (batch, heads, P, W) profiles of an H x W grid's P = H * W patch queries
+    (the last P of `query`'s (batch, heads, N, D); float32, bfloat16 or float16) from the variance and strength maps'
+    float32 `weight` (3, D) and `bias` (3) (statistics = weight q + bias, computed in float32 inside the kernel) and
+    the (S, S) distance table, S = max(H, W) (`attention_locatvit.grid_distance_table`): the values of
+    `LocAtViTGaussianBias.profiles`, in one kernel, and in one more for the gradients of the queries, weight and bias
+    (the profiles are computed again)."""
+    return _OPERATORS.profiles(
+        query, weight, bias, distances, float(eps), float(floor), float(clamp), int(height), int(width)
+    )
