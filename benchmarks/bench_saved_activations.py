@@ -10,8 +10,8 @@ checkpointing) is counted once, under the line of model code that made it (weigh
 copies). A layer's share is the difference between a two-layer and a one-layer model (the embeddings, the head and
 LocAtViT's parameter-free refinement are in both). transformers' ViT with `sdpa` on CPU keeps what flash attention
 keeps on a GPU (output and log-sum-exp). LocAtViT's backend is forced with `--backend` (default `cuda_triton`, run on
-CPU by Triton's interpreter, which this script turns on: slow at 512 px and more, but it keeps what it keeps on a
-GPU).
+CPU by Triton's interpreter, which this script turns on, with the Gaussian's profiles from their Triton kernel as on
+a GPU: slow at 512 px and more, but it keeps what it keeps on a GPU).
 """
 
 import argparse
@@ -30,6 +30,8 @@ from torch.utils import _pytree as pytree  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from transformers import ViTForImageClassification  # noqa: E402
 
+import locatvit_hf.attention_locatvit as attention  # noqa: E402
+import locatvit_hf.modeling_locatvit as modeling  # noqa: E402
 from locatvit_hf import LocAtViTConfig, LocAtViTForImageClassification  # noqa: E402
 
 PACKAGES = ("locatvit_hf", "transformers/models/vit")
@@ -41,6 +43,13 @@ def build(kind: str, layers: int, backend: str):
         return LocAtViTForImageClassification._from_config(config, attn_implementation="sdpa").train()
     vit_config = bench_speed.vit_config_like(config)
     return ViTForImageClassification._from_config(vit_config, attn_implementation="sdpa").train()
+
+
+def take_the_gpu_path() -> None:
+    """Makes CPU tensors take the path CUDA tensors take: the Triton kernels (attention and profiles, run by the
+    interpreter) where the automatic choice takes them, the fused C++ kernel set aside."""
+    attention.TRITON_DEVICES = ("cuda", "cpu")
+    modeling.fused_cpu_profiles = lambda: None
 
 
 class AllocationRecorder(TorchDispatchMode):
@@ -77,11 +86,13 @@ def where() -> str:
 
 def kept_for_backward(model, pixels: int) -> Counter:
     """Bytes of the storages made by a forward pass that are still alive after it while its graph is (the tensors
-    autograd keeps, and those selective checkpointing keeps), by the model code line that made them. A first,
-    unrecorded pass fills the caches (distance tables) that later passes share."""
+    autograd keeps, and those selective checkpointing keeps), by the model code line that made them. Two unrecorded
+    passes fill the caches that later passes share: distance tables, the kernels' one-time check, and autocast's
+    weight copies (which that check's own autocast context clears)."""
     pixel_values = torch.randn(1, 3, pixels, pixels)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        model(pixel_values, interpolate_pos_encoding=True)
+        for _ in range(2):
+            model(pixel_values, interpolate_pos_encoding=True)
         recorder = AllocationRecorder()
         with recorder:
             logits = model(pixel_values, interpolate_pos_encoding=True).logits
@@ -103,6 +114,8 @@ def main() -> None:
     parser.add_argument("--pixels", type=int, nargs="+", default=[224, 512])
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args()
+    if args.backend == "cuda_triton":
+        take_the_gpu_path()
     rows = []
     for pixels in args.pixels:
         vit, locatvit = (per_layer(kind, pixels, args.backend) for kind in ("vit", "locatvit"))

@@ -28,7 +28,6 @@ import torch  # noqa: E402
 from torch.utils import _pytree as pytree  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
-import locatvit_hf.attention_locatvit as attention  # noqa: E402
 import locatvit_hf.modeling_locatvit as modeling  # noqa: E402
 
 
@@ -83,9 +82,7 @@ def main() -> None:
     parser.add_argument("--profiles", nargs="+", default=["kernel", "formula"], choices=["kernel", "formula"])
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args()
-    # The GPU path on this CPU: the Triton kernels chosen for CPU tensors, the fused C++ kernel set aside.
-    attention.TRITON_DEVICES = ("cuda", "cpu")
-    modeling.fused_cpu_profiles = lambda: None
+    bench_saved_activations.take_the_gpu_path()
     chosen = modeling.triton_profiles
     rows = []
     for pixels in args.pixels:

@@ -510,6 +510,28 @@ def test_model_takes_the_profiles_kernel_with_the_attention_kernel(monkeypatch):
     assert "locatvit.triton_gaussian_profiles_backward.default" in graphs[1]
 
 
+def test_first_check_from_inside_checkpointed_layers(monkeypatch, caplog):
+    """The kernels' check often first runs from inside a layer's forward pass: under the selective checkpointing of
+    a forced `cuda_triton` (the profiles' kernel asks first), or under the model's activation checkpointing around an
+    automatic choice. It passes there all the same (it runs in a thread of its own), and the kernels run."""
+    monkeypatch.setattr(attention, "TRITON_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(modeling, "fused_cpu_profiles", lambda: None)
+    pixel_values, labels = torch.randn(2, 3, 40, 24), torch.randint(0, 5, (2, 40, 24))
+    for config, checkpointing in ((tiny_config(attention_backend="cuda_triton"), False), (tiny_config(), True)):
+        attention.cached_triton_check.cache_clear()
+        model = LocAtViTForSemanticSegmentation(config).train()
+        if checkpointing:
+            model.activation_checkpointing_enable()
+        caplog.clear()
+        with caplog.at_level("WARNING", logger=attention.__name__), OperatorCalls() as calls:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                model(pixel_values, labels=labels, interpolate_pos_encoding=True).loss.backward()
+        assert "failed" not in caplog.text
+        assert attention.triton_checked(torch.device("cpu"), torch.bfloat16, config.head_dim)
+        assert "locatvit.triton_gaussian_profiles_backward.default" in calls.names
+        assert "locatvit.triton_gaussian_attention_backward.default" in calls.names
+
+
 def test_export_keeps_plain_operators_where_the_kernels_are_chosen(monkeypatch):
     """Where the automatic choice takes the Triton kernels, `torch.export` (the ONNX exporter's tracer) still gets
     the plain operators: no Triton operator in the exported graph, and the same outputs as the eager model."""

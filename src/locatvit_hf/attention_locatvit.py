@@ -432,7 +432,16 @@ def disagreement(names, checked, low, exact, dtype: torch.dtype) -> str | None:
     return None
 
 
-cached_triton_check = functools.cache(triton_check)
+@functools.cache
+def cached_triton_check(device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
+    """`triton_check`, once per process, device, dtype and head size, in a thread of its own: its first call often
+    comes from inside a layer's forward pass, where activation checkpointing's saved-tensor hooks and dispatch modes
+    (thread-local) would take over the check's own forward and backward."""
+    outcome = []
+    worker = threading.Thread(target=lambda: outcome.append(triton_check(device, dtype, head_dim)), daemon=True)
+    worker.start()
+    worker.join()
+    return outcome[0] if outcome else "it failed to run in its thread"
 
 
 def backend_unavailable(name: str, query: torch.Tensor, bias, dropout: float) -> str | None:
@@ -503,8 +512,8 @@ PROFILES_RECOMPUTED = {"cuda_triton": "triton_gaussian_attention"}
 
 def keep_kernel_outputs():
     """Selective checkpointing contexts for `gaussian_attention`: the outputs of the kernels of `PROFILES_RECOMPUTED`
-    are kept for backward, and everything else (the Gaussian's statistics and profiles, a few elementwise passes over
-    (H + W) values per query) is computed again there. The attention itself never runs twice."""
+    are kept for backward, and everything else (the Gaussian's statistics and profiles: one launch of their kernel
+    where `triton_profiles` chose it) is computed again there. The attention itself never runs twice."""
     kept = {getattr(torch.ops.locatvit, name).default for name in PROFILES_RECOMPUTED.values()}
 
     def policy(ctx, operator, *args, **kwargs) -> CheckpointPolicy:
