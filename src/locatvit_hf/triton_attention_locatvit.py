@@ -1109,8 +1109,8 @@ def triton_gaussian_profiles(
     (the last P of `query`'s (batch, heads, N, D); float32, bfloat16 or float16) from the variance and strength maps'
     float32 `weight` (3, D) and `bias` (3) (statistics = weight q + bias, computed in float32 inside the kernel) and
     the (S, S) distance table, S = max(H, W) (`attention_locatvit.grid_distance_table`): the values of
-    `LocAtViTGaussianBias.profiles`, in one kernel launch, and one more for the gradients of the queries, weight and bias
-    (the profiles are computed again)."""
+    `LocAtViTGaussianBias.profiles`, in one kernel launch, and one more for the gradients of the queries, weight and
+    bias (the profiles are computed again)."""
     return _OPERATORS.profiles(
         query, weight, bias, distances, float(eps), float(floor), float(clamp), int(height), int(width)
     )
