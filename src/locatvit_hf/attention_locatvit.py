@@ -158,8 +158,9 @@ def query_distance_tables(
 def exported_profiles(statistics, grid_size, floor: float, scale: float, eps: float):
     """`LocAtViTGaussianBias.profiles` for `torch.export` (the same values, elementwise; differentiable): row
     (batch, heads, P, H) and column (batch, heads, P, W) profiles from `statistics` (batch, heads, 3, P), each from
-    its own (lines, P) distance table built by operators from the (symbolic) grid sizes. The stacked (2, max(H, W), P) table would tie
-    the export to the sign of H - W (its padding and layout) and the Python cache to concrete sizes."""
+    its own (lines, P) distance table built by operators from the (symbolic) grid sizes. The stacked
+    (2, max(H, W), P) table would tie the export to the sign of H - W (its padding and layout) and the Python cache to
+    concrete sizes."""
     height, width = grid_size
     device = statistics.device  # each patch's row and column, row-major (`%` of a symbolic size has no ONNX form)
     rows = torch.arange(height, device=device)[:, None].expand(height, width).reshape(-1)
@@ -300,9 +301,9 @@ def triton_chosen(query: torch.Tensor) -> bool:
 
 def triton_profiles(query: torch.Tensor) -> Callable | None:
     """`triton_gaussian_profiles` where `triton_chosen(query)` (and not exporting), else None: the statistics and the
-    profiles in one kernel launch, and their gradients in one more, instead of a float32 copy of the queries, a product and
-    about a dozen elementwise passes over (H + W) floats per query in each direction (memory traffic, which bounds a
-    small ViT's layer on a GPU: benchmarks/bench_traffic.py)."""
+    profiles in one kernel launch, and their gradients in one more, instead of a float32 copy of the queries, a
+    product and about a dozen elementwise passes over (H + W) floats per query in each direction (memory traffic,
+    which bounds a small ViT's layer on a GPU: benchmarks/bench_traffic.py)."""
     if torch.compiler.is_exporting():  # an exported graph holds plain operators only
         return None
     return triton_gaussian_profiles if triton_chosen(query) else None
