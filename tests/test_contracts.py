@@ -1,7 +1,9 @@
 """The contracts transformers' vision models keep, kept by every LocAtViT task model: distributed training without
-unused parameters, any input size for dense tasks, `from_pretrained` reporting (not refusing) missing weights, and
-`torch.compile(fullgraph=True)` of inference and of a training step."""
+unused parameters, any input size for dense tasks, `from_pretrained` reporting (not refusing) missing weights,
+`torch.compile(fullgraph=True)` of inference and of a training step, and attention implementations that
+`set_attn_implementation` switches and transformers' `AttentionInterface` extends."""
 
+import copy
 import json
 import warnings
 
@@ -10,6 +12,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from locatvit_hf import (
     LocAtViTBackbone,
@@ -18,7 +22,7 @@ from locatvit_hf import (
     LocAtViTModel,
 )
 
-from .conftest import tiny_config
+from .conftest import assert_gradients_close, tiny_config
 
 TASK_MODELS = [LocAtViTModel, LocAtViTForImageClassification, LocAtViTForSemanticSegmentation, LocAtViTBackbone]
 
@@ -162,3 +166,76 @@ def test_fullgraph_compile_of_inference_and_a_training_step(model_class):
     training_loss(model, pixel_values).backward()
     for name, parameter in model.named_parameters():
         torch.testing.assert_close(compiled_grads[name], parameter.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_set_attn_implementation_switches_a_built_model():
+    """`set_attn_implementation` switches between eager (which returns the attention probabilities) and sdpa on a
+    model that exists, with the same outputs either way."""
+    model = LocAtViTForImageClassification._from_config(tiny_config(), attn_implementation="sdpa").eval()
+    pixel_values = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        with_sdpa = model(pixel_values, output_attentions=True)
+        model.set_attn_implementation("eager")
+        assert model.config._attn_implementation == "eager"
+        with_eager = model(pixel_values, output_attentions=True)
+        model.set_attn_implementation("sdpa")
+        again = model(pixel_values, output_attentions=True)
+    assert not with_sdpa.attentions and not again.attentions
+    assert len(with_eager.attentions) == model.config.num_hidden_layers
+    probabilities = with_eager.attentions[0]
+    assert probabilities.shape == (2, 2, 17, 17)
+    torch.testing.assert_close(probabilities.sum(-1), torch.ones(2, 2, 17))
+    torch.testing.assert_close(with_eager.logits, with_sdpa.logits, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(again.logits, with_sdpa.logits)
+
+
+@pytest.fixture
+def recording_attention_function():
+    """A function registered with transformers' `AttentionInterface` (as a Hub kernel registers itself): sdpa with
+    the mask it is given, recording each mask. Unregistered afterwards."""
+    name = "recording_sdpa_for_locatvit_tests"
+    masks = []
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        masks.append(attention_mask)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register(name, attention)
+    yield name, masks
+    del AttentionInterface._global_mapping[name]
+
+
+@pytest.mark.parametrize("gaussian", [True, False], ids=["gaug", "plain-vit"])
+def test_registered_attention_function_gets_the_gaussian_bias_as_its_mask(recording_attention_function, gaussian):
+    """A model built with `attn_implementation` naming a registered function calls it in every layer, with the
+    Gaussian bias as its float mask (none for a plain ViT): the same loss and gradients as LocAtViT's own sdpa."""
+    name, masks = recording_attention_function
+    # Without the projections' biases: the keys' bias has a zero gradient but for rounding, which no relative
+    # tolerance can compare.
+    config = tiny_config(use_gaussian_attention=gaussian, qkv_bias=False)
+    registered = LocAtViTForImageClassification._from_config(config, attn_implementation=name).train()
+    own = LocAtViTForImageClassification._from_config(copy.deepcopy(config), attn_implementation="sdpa").train()
+    own.load_state_dict(registered.state_dict())
+    pixel_values, labels = torch.randn(2, 3, 32, 32), torch.tensor([1, 3])
+    losses = []
+    for model in (registered, own):
+        loss = model(pixel_values, labels=labels).loss
+        loss.backward()
+        losses.append(loss.detach())
+    assert len(masks) == config.num_hidden_layers
+    if gaussian:
+        assert all(mask.shape == (2, 2, 17, 17) and mask.dtype == torch.float32 for mask in masks)
+        assert masks[0][:, :, 0].abs().max() == 0 and masks[0][:, :, 1:, 1:].min() > 0  # CLS unbiased, patches biased
+    else:
+        assert all(mask is None for mask in masks)
+    torch.testing.assert_close(losses[0], losses[1])
+    assert_gradients_close(registered, own)
+
+
+def test_registered_attention_function_refuses_a_forced_backend(recording_attention_function):
+    name, _ = recording_attention_function
+    model = LocAtViTForImageClassification._from_config(
+        tiny_config(attention_backend="eager"), attn_implementation=name
+    )
+    with pytest.raises(ValueError, match="attention_backend=None"):
+        model(torch.randn(1, 3, 32, 32))

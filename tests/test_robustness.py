@@ -62,6 +62,11 @@ def test_bad_pixel_values(models, model_class, pixel_values, error, fragments):
         assert fragment in str(info.value), str(info.value)
 
 
+def test_torchscript_tracing_is_refused_with_the_export_routes(models):
+    with pytest.raises(RuntimeError, match="torch.export.export.*locatvit-export"):
+        torch.jit.trace(models[LocAtViTModel], (torch.randn(1, 3, 32, 32),), strict=False)
+
+
 def test_missing_pixel_values(models):
     with pytest.raises(ValueError, match="`pixel_values` is required"):
         models[LocAtViTModel]()

@@ -18,7 +18,7 @@ from transformers.modeling_outputs import (
     ImageClassifierOutput,
     SemanticSegmenterOutput,
 )
-from transformers.modeling_utils import PreTrainedModel
+from transformers.modeling_utils import AttentionInterface, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, auto_docstring
@@ -34,6 +34,7 @@ from .attention_locatvit import (
     FlushedProfiles,
     exported_profiles,
     flushed_exp,
+    full_bias,
     gaussian_attention,
     grid_distance_table,
     query_distance_tables,
@@ -310,10 +311,36 @@ class LocAtViTGaussianBias(nn.Module):
         return pooled, corners.flatten(), block.flatten()
 
 
+def locatvit_attention_forward(
+    module, query, key, value, attention_mask, *, scaling, dropout=0.0, grid_size, **kwargs
+):
+    """LocAtViT's `eager` and `sdpa`: `gaussian_attention` chooses one of the attention backends (the decision table of
+    `attention_locatvit`, or `config.attention_backend`) and adds `module`'s Gaussian bias inside it. Images have no
+    padding: `attention_mask` is None."""
+    gaussian = None if module.gaussian_bias is None else (lambda query: module.gaussian_bias(query, grid_size))
+    return gaussian_attention(
+        query,
+        key,
+        value,
+        gaussian,
+        implementation=module.config._attn_implementation,
+        forced=module.config.attention_backend,
+        scale=scaling,
+        dropout=dropout,
+        num_prefix=NUM_PREFIX_TOKENS,
+        workspace=None if module.gaussian_bias is None else module.gaussian_bias.workspace,
+    )
+
+
+# `eager` and `sdpa` are LocAtViT's own, since the Gaussian bias needs its backends; any other function registered with
+# transformers' `AttentionInterface` (a Hub kernel, your own) gets the bias as its float `attention_mask`.
+ALL_ATTENTION_FUNCTIONS = AttentionInterface()
+ALL_ATTENTION_FUNCTIONS["sdpa"] = locatvit_attention_forward
+
+
 class LocAtViTAttention(nn.Module):
-    """Multi-head self-attention whose logits get the Gaussian bias: q, k, v, one backend call with the Gaussian
-    (`attention_locatvit.gaussian_attention`, which chooses the backend and computes the profiles), the output
-    projection."""
+    """Multi-head self-attention whose logits get the Gaussian bias: q, k, v, one attention function (LocAtViT's own,
+    `locatvit_attention_forward`, unless `attn_implementation` names another), the output projection."""
 
     def __init__(self, config: LocAtViTConfig):
         super().__init__()
@@ -337,20 +364,37 @@ class LocAtViTAttention(nn.Module):
         query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        gaussian = None if self.gaussian_bias is None else (lambda query: self.gaussian_bias(query, grid_size))
-        attn_output, attn_weights = gaussian_attention(
+        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, locatvit_attention_forward
+        )
+        attention_mask = None
+        if attention_interface is not locatvit_attention_forward:
+            attention_mask = self.bias_as_mask(query, grid_size)
+        attn_output, attn_weights = attention_interface(
+            self,
             query,
             key,
             value,
-            gaussian,
-            implementation=self.config._attn_implementation,
-            forced=self.config.attention_backend,
-            scale=self.scaling,
+            attention_mask,
+            scaling=self.scaling,
             dropout=self.attention_dropout if self.training else 0.0,
-            num_prefix=NUM_PREFIX_TOKENS,
-            workspace=self.gaussian_bias.workspace if self.gaussian_bias is not None else None,
+            grid_size=grid_size,
+            **kwargs,
         )
         return self.o_proj(attn_output.reshape(*input_shape, -1)), attn_weights
+
+    def bias_as_mask(self, query: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor | None:
+        """The whole (batch, heads, N, N) Gaussian bias in `query`'s dtype, the float `attention_mask` of an attention
+        function registered with transformers (None without GAug)."""
+        if self.config.attention_backend is not None:
+            raise ValueError(
+                f"`attention_backend={self.config.attention_backend!r}` chooses one of LocAtViT's backends, which run "
+                f"with `attn_implementation` 'eager' or 'sdpa', not {self.config._attn_implementation!r}: set "
+                "`attention_backend=None` or `attn_implementation='sdpa'`."
+            )
+        if self.gaussian_bias is None:
+            return None
+        return full_bias(*self.gaussian_bias(query, grid_size), NUM_PREFIX_TOKENS).to(query.dtype)
 
 
 class LocAtViTMLP(nn.Module):

@@ -8,6 +8,11 @@ from .configuration_locatvit import LocAtViTConfig
 
 def check_pixel_values(pixel_values: torch.Tensor | None, config: LocAtViTConfig) -> None:
     """Rejects inputs the model would otherwise misread, naming the problem and the fix."""
+    if torch.jit.is_tracing():
+        raise RuntimeError(
+            "LocAtViT cannot be traced with `torch.jit.trace` (TorchScript, which transformers v5 no longer supports): "
+            "export it with `torch.export.export(model, (pixel_values,))`, or to ONNX with `locatvit-export`."
+        )
     if pixel_values is None:
         raise ValueError("`pixel_values` is required: pass a (batch, channels, height, width) float tensor.")
     if not isinstance(pixel_values, torch.Tensor):
