@@ -139,6 +139,71 @@ def test_selection_table():
     assert select(dropout=0.1) == "sdpa"
     assert select(profiles=None) == "sdpa"
     assert select(forced="eager") == "eager"
+    # Training (queries that need a gradient): where no kernel runs, `blocked` keeps a ViT's memory.
+    training = query.clone().requires_grad_()
+    assert select(query=training) == ("cpu_fused" if fused == "cpu_fused" else "blocked")
+    assert select(query=training.bfloat16()) == "blocked"
+    assert select(query=training.bfloat16(), dropout=0.1) == "sdpa"
+    assert select(query=training.bfloat16(), profiles=None) == "sdpa"
+    with torch.no_grad():
+        assert select(query=training.bfloat16()) == "sdpa"
+
+
+def test_blocked_backend_across_query_blocks(monkeypatch):
+    """`blocked` with blocks of 3 queries (the CLS query and the patch queries split across blocks, a last short
+    block): the eager reference's output and gradients in float64."""
+    inputs = [t.detach().double().requires_grad_() for t in attention_inputs((3, 5))]
+    expected_output, expected_grads = run("eager", inputs)
+    monkeypatch.setattr(attention, "BLOCKED_SCORES_BYTES", 2 * 2 * 16 * 4 * 3)
+    assert [block.stop - block.start for block in attention.query_blocks(inputs[0])] == [3, 3, 3, 3, 3, 1]
+    output, grads = run("blocked", inputs)
+    torch.testing.assert_close(output, expected_output, rtol=1e-12, atol=1e-12)
+    for grad, expected in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_blocked_backend_under_bfloat16_autocast():
+    """A training step under CPU bfloat16 autocast (where the automatic choice takes `blocked`), against the same
+    model on the eager reference: the loss and every gradient within bfloat16's resolution."""
+    config = tiny_config(qkv_bias=False)  # the keys' bias: a zero gradient but for rounding, in bfloat16 large
+    model = LocAtViTForImageClassification(config).train()
+    reference = LocAtViTForImageClassification._from_config(copy.deepcopy(config), attn_implementation="eager")
+    reference.load_state_dict(model.state_dict())
+    pixel_values, labels = torch.randn(2, 3, 32, 32), torch.tensor([1, 3])
+    chosen = []
+    original = attention.BACKENDS["blocked"]
+    attention.BACKENDS["blocked"] = lambda *args, **kwargs: chosen.append(1) or original(*args, **kwargs)
+    try:
+        losses = []
+        for each in (model, reference):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = each(pixel_values, labels=labels).loss
+            loss.backward()
+            losses.append(loss.detach())
+    finally:
+        attention.BACKENDS["blocked"] = original
+    assert len(chosen) == model.config.num_hidden_layers
+    torch.testing.assert_close(losses[0], losses[1], rtol=2e-2, atol=0)
+    references = dict(reference.named_parameters())
+    for name, parameter in model.named_parameters():
+        expected = references[name].grad
+        assert (parameter.grad - expected).norm() <= 5e-2 * expected.norm() + 1e-6, name
+
+
+@pytest.mark.parametrize("name, keeps_scores", [("blocked", False), ("sdpa", True)])
+def test_what_training_keeps_for_backward(name, keeps_scores):
+    """Saved for backward by one attention call in training: `blocked` keeps nothing with an entry per score (its
+    inputs, output and one log-sum-exp per query); `sdpa` with a mask that needs a gradient does."""
+    inputs = attention_inputs((6, 6), batch=2, heads=2, dim=8)
+    seq_len = inputs[0].shape[2]
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(
+        lambda tensor: saved.append(tensor) or tensor, lambda tensor: tensor
+    ):
+        attention.BACKENDS[name](*inputs[:3], tuple(inputs[3:]), scale=0.35, dropout=0.0, num_prefix=1)
+    assert saved
+    per_score = [tensor for tensor in saved if tensor.numel() >= 2 * 2 * seq_len * seq_len]
+    assert bool(per_score) == keeps_scores, [tuple(tensor.shape) for tensor in saved]
 
 
 def test_compiled_model_keeps_the_fused_operator():

@@ -54,7 +54,8 @@ def test_accelerator_checks_pass_on_cpu(tmp_path):
     checks = json.loads(output.read_text())["checks"]
     from locatvit_hf.attention_locatvit import fused_cpu_attention
 
-    backends = 3 if fused_cpu_attention() is not None else 2  # eager, sdpa and the fused kernel where it is built
+    # eager, sdpa, blocked and the fused kernel where it is built
+    backends = 4 if fused_cpu_attention() is not None else 3
     # 3 grids x (inference: auto and each backend; training: the same and auto checkpointed)
     assert len(checks) == 3 * ((1 + backends) + (2 + backends))
     for check in checks:
