@@ -162,7 +162,7 @@ def test_blocked_backend_across_query_blocks(monkeypatch):
         torch.testing.assert_close(grad, expected, rtol=1e-12, atol=1e-12)
 
 
-def test_blocked_backend_under_bfloat16_autocast():
+def test_blocked_backend_under_bfloat16_autocast(monkeypatch):
     """A training step under CPU bfloat16 autocast (where the automatic choice takes `blocked`), against the same
     model on the eager reference: the loss and every gradient within bfloat16's resolution."""
     config = tiny_config(qkv_bias=False)  # the keys' bias: a zero gradient but for rounding, in bfloat16 large
@@ -170,18 +170,14 @@ def test_blocked_backend_under_bfloat16_autocast():
     reference = LocAtViTForImageClassification._from_config(copy.deepcopy(config), attn_implementation="eager")
     reference.load_state_dict(model.state_dict())
     pixel_values, labels = torch.randn(2, 3, 32, 32), torch.tensor([1, 3])
-    chosen = []
-    original = attention.BACKENDS["blocked"]
-    attention.BACKENDS["blocked"] = lambda *args, **kwargs: chosen.append(1) or original(*args, **kwargs)
-    try:
-        losses = []
-        for each in (model, reference):
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                loss = each(pixel_values, labels=labels).loss
-            loss.backward()
-            losses.append(loss.detach())
-    finally:
-        attention.BACKENDS["blocked"] = original
+    chosen, original = [], attention.BACKENDS["blocked"]
+    monkeypatch.setitem(attention.BACKENDS, "blocked", lambda *args, **kw: chosen.append(1) or original(*args, **kw))
+    losses = []
+    for each in (model, reference):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = each(pixel_values, labels=labels).loss
+        loss.backward()
+        losses.append(loss.detach())
     assert len(chosen) == model.config.num_hidden_layers
     torch.testing.assert_close(losses[0], losses[1], rtol=2e-2, atol=0)
     references = dict(reference.named_parameters())

@@ -484,8 +484,8 @@ def select_backend(query: torch.Tensor, bias, *, implementation: str, forced: st
         return "eager"
     if bias is None or dropout > 0:
         return "sdpa"
-    on_cpu = query.device.type == "cpu" and query.dtype == torch.float32
-    if on_cpu and fused_cpu_attention() is not None:  # an operator `torch.compile` traces
+    float32_on_cpu = query.device.type == "cpu" and query.dtype == torch.float32
+    if float32_on_cpu and fused_cpu_attention() is not None:  # an operator `torch.compile` traces
         return "cpu_fused"
     if triton_chosen(query):
         return "cuda_triton"
@@ -816,12 +816,13 @@ class BlockedBiasAttention(torch.autograd.Function):
             block_grad = grad_output[:, :, block]
             grad_value += probabilities.transpose(-1, -2) @ block_grad
             grad_scores = (block_grad @ values.transpose(-1, -2)).sub_(delta[:, :, block]).mul_(probabilities)
-            if needs_bias_grad and block.stop > prefix:
-                first = max(block.start, prefix)
-                patches = slice(first - prefix, block.stop - prefix)
-                grid = grad_scores[:, :, first - block.start :, prefix:].unflatten(-1, (row.shape[-1], col.shape[-1]))
-                grad_row[:, :, patches] = (grid @ col[:, :, patches, :, None].to(compute)).squeeze(-1)
-                grad_col[:, :, patches] = (row[:, :, patches, None, :].to(compute) @ grid).squeeze(-2)
+            if needs_bias_grad and (rows := patch_rows(block, prefix)) is not None:
+                first, patches = rows
+                profiles = [tensor[:, :, patches].to(compute).flatten(0, 1) for tensor in (row, col)]
+                block_grads = [torch.empty_like(profile) for profile in profiles]
+                reduce_bias_gradient(grad_scores[:, :, first:, prefix:].flatten(0, 1), *profiles, *block_grads)
+                grad_row[:, :, patches] = block_grads[0].view_as(grad_row[:, :, patches])
+                grad_col[:, :, patches] = block_grads[1].view_as(grad_col[:, :, patches])
             grad_scores.mul_(scale)
             grad_query[:, :, block] = grad_scores @ keys
             grad_key += grad_scores.transpose(-1, -2) @ queries
@@ -847,12 +848,20 @@ def scores_of_block(query, keys, row, col, block: slice, scale: float, num_prefi
     """q k^T * scale + B for the queries in `block` against every key, in `keys`' dtype (batch, heads, block, N):
     the bias's patch block written from the profiles of the block's patch queries."""
     scores = torch.matmul(query[:, :, block].to(keys.dtype), keys.transpose(-1, -2)).mul_(scale)
-    first = max(block.start, num_prefix)
-    if first < block.stop:
-        patches = slice(first - num_prefix, block.stop - num_prefix)
-        grid = scores[:, :, first - block.start :, num_prefix:].unflatten(-1, (row.shape[-1], col.shape[-1]))
-        grid += row[:, :, patches, :, None].to(keys.dtype) * col[:, :, patches, None, :].to(keys.dtype)
+    if (rows := patch_rows(block, num_prefix)) is not None:
+        first, patches = rows
+        grid = scores[:, :, first:, num_prefix:].unflatten(-1, (row.shape[-1], col.shape[-1]))
+        grid.addcmul_(row[:, :, patches, :, None].to(keys.dtype), col[:, :, patches, None, :].to(keys.dtype))
     return scores
+
+
+def patch_rows(block: slice, num_prefix: int) -> tuple[int, slice] | None:
+    """Where a block of query positions holds patch queries: the first such row within the block and the slice of
+    the profiles' patch queries it covers (None for a block of prefix queries only)."""
+    first = max(block.start, num_prefix)
+    if first >= block.stop:
+        return None
+    return first - block.start, slice(first - num_prefix, block.stop - num_prefix)
 
 
 def flat_chunk(tensor: torch.Tensor | None, chunk) -> torch.Tensor | None:

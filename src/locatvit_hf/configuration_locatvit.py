@@ -48,8 +48,9 @@ class LocAtViTConfig(BackboneConfigMixin, PreTrainedConfig):
             raise, as ViT's do.
         attention_backend (`str`, *optional*):
             Force one backend of the Gaussian-biased attention (`"eager"`, `"sdpa"`, `"cpu_fused"`, `"blocked"`,
-            `"cuda_triton"`, `"cuda_chunked"`; see `attention_locatvit.py` and the README's table). `None` chooses per call by device, dtype, gradient
-            and `attn_implementation`; a forced backend that cannot run a call raises, naming why.
+            `"cuda_triton"`, `"cuda_chunked"`; see `attention_locatvit.py` and the README's table). `None` chooses
+            per call by device, dtype, gradient and `attn_implementation`; a forced backend that cannot run a call
+            raises, naming why.
         freeze_backbone (`bool`, defaults to `False`):
             In [`LocAtViTForSemanticSegmentation`], keep the encoder frozen and in eval mode while the head trains, as
             in the paper's linear-probing protocol.
