@@ -226,6 +226,26 @@ def test_pipeline_logs_no_unsupported_model_message(pipelines, task):
     assert not [message for message in logged if UNSUPPORTED in message], logged
 
 
+@pytest.mark.parametrize(
+    ("task", "folder"),
+    [
+        ("image-classification", "classifier"),
+        ("image-segmentation", "segmenter"),
+        ("image-feature-extraction", "classifier"),
+    ],
+)
+def test_pipeline_with_the_package_imported_asks_nothing(saved, monkeypatch, task, folder):
+    """With `locatvit_hf` imported and `trust_remote_code` left unset, a pipeline on a saved folder runs the package's
+    own classes and never stops to ask whether to run the folder's code (Transformers asks with `input()`)."""
+    questions = []
+    monkeypatch.setattr("builtins.input", lambda prompt="": questions.append(prompt) or "n")
+    built = pipeline(task, model=str(saved["root"] / folder))
+    assert not questions, questions
+    for component in (built.model, built.image_processor):
+        assert type(component).__module__.startswith("locatvit_hf."), type(component)
+    assert built(next(iter(IMAGES.values())))
+
+
 def test_log_capture_sees_an_unsupported_model_message(saved):
     """The capture above is live: a LocAtViT classifier given to the segmentation pipeline is reported."""
     with captured_logs() as (records, caught):

@@ -7,7 +7,7 @@ import textwrap
 
 import torch
 
-from locatvit_hf import LocAtViTForSemanticSegmentation, LocAtViTModel
+from locatvit_hf import LocAtViTForSemanticSegmentation, LocAtViTImageProcessor, LocAtViTModel
 
 from .conftest import tiny_config
 
@@ -23,7 +23,7 @@ REMOTE_LOAD = textwrap.dedent(
         raise SystemExit("locatvit_hf is importable")
 
     import torch
-    from transformers import AutoConfig, AutoModel, AutoModelForSemanticSegmentation
+    from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForSemanticSegmentation
 
     folder = sys.argv[1]
     inputs = torch.load(folder + "/inputs.pt")
@@ -42,6 +42,11 @@ REMOTE_LOAD = textwrap.dedent(
     assert kernel.__name__.startswith("transformers_modules") and not kernel.kernel_available()
     torch.testing.assert_close(logits, inputs["logits"], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(base.last_hidden_state, inputs["last_hidden_state"], rtol=1e-5, atol=1e-6)
+    # The image processor, in either backend, from the code saved with it.
+    for backend, name in [("torchvision", "LocAtViTImageProcessor"), ("pil", "LocAtViTImageProcessorPil")]:
+        processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True, backend=backend)
+        assert type(processor).__name__ == name, (backend, type(processor))
+        assert type(processor).__module__.startswith("transformers_modules"), type(processor).__module__
     print("REMOTE OK", type(base_model).__name__)
     """
 )
@@ -51,6 +56,7 @@ def test_remote_code_load_without_package(tmp_path):
     model = LocAtViTForSemanticSegmentation(tiny_config()).eval()
     folder = tmp_path / "model"
     model.save_pretrained(folder)
+    LocAtViTImageProcessor().save_pretrained(folder)
     pixel_values = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         logits = model(pixel_values).logits

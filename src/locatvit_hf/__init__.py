@@ -42,7 +42,8 @@ AutoImageProcessor.register(
     image_processor_classes={"torchvision": LocAtViTImageProcessor, "pil": LocAtViTImageProcessorPil},
     exist_ok=True,
 )
-LocAtViTImageProcessor.register_for_auto_class("AutoImageProcessor")
+for _processor_class in (LocAtViTImageProcessor, LocAtViTImageProcessorPil):
+    _processor_class.register_for_auto_class("AutoImageProcessor")
 
 __all__ = [
     "PRESETS",

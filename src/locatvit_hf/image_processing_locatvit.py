@@ -96,6 +96,10 @@ class LocAtViTImageProcessorKwargs(ImagesKwargs, total=False):
     do_reduce_labels: bool
 
 
+# The class of each backend, by the names `AutoImageProcessor`'s `backend` argument takes.
+BACKEND_CLASSES = {"torchvision": "LocAtViTImageProcessor", "pil": "LocAtViTImageProcessorPil"}
+
+
 class LocAtViTImageProcessorMixin:
     """Defaults and the segmentation support shared by both backends."""
 
@@ -114,6 +118,23 @@ class LocAtViTImageProcessorMixin:
     do_rescale = True
     do_normalize = True
     do_reduce_labels = False
+
+    def to_dict(self) -> dict:
+        """As saved to `preprocessor_config.json`. Saved as remote code (`register_for_auto_class`), `auto_map` names
+        the class of each backend, so that `AutoImageProcessor.from_pretrained(..., trust_remote_code=True,
+        backend="pil")` gets the PIL one. Transformers reads a plain string there as one class for every backend, and
+        its pipelines take it for a video processor's as well (the name with "Video" for "Image"), which does not
+        exist: without the code trusted, building a pipeline would stop to ask whether to run it."""
+        output = super().to_dict()
+        auto_map = output.get("auto_map") or {}
+        reference = auto_map.get("AutoImageProcessor")
+        if isinstance(reference, str):
+            module = reference.rsplit(".", 1)[0]
+            output["auto_map"] = {
+                **auto_map,
+                "AutoImageProcessor": {backend: f"{module}.{name}" for backend, name in BACKEND_CLASSES.items()},
+            }
+        return output
 
     @classmethod
     def for_segmentation(cls, **kwargs: Unpack[LocAtViTImageProcessorKwargs]):
