@@ -58,6 +58,40 @@ def test_every_parameter_gets_a_gradient(model_class, overrides):
     assert not without, f"parameters outside the loss: {without}"
 
 
+@pytest.mark.parametrize("model_class", TASK_MODELS, ids=lambda value: value.__name__)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_every_linear_layer_runs_its_forward(model_class, training):
+    """Tools that rewrite `nn.Linear` layers (LoRA adapters on "all-linear", quantization) replace their forward: a
+    Linear whose weight the model read without calling it would keep its adapter out of the loss (unused parameters,
+    and a merged model that computes something else) or fail on its quantized weight."""
+    model = build(model_class).train(training)
+    called = set()
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            module.register_forward_hook(lambda module, args, output, name=name: called.add(name))
+    linear = {name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+    with torch.set_grad_enabled(training):
+        training_loss(model, torch.randn(2, 3, 32, 32))
+    assert linear and linear == called, f"Linear layers whose forward never ran: {sorted(linear - called)}"
+
+
+@pytest.mark.parametrize("model_class", [LocAtViTForImageClassification, LocAtViTForSemanticSegmentation])
+def test_dynamic_int8_quantization_of_the_linear_layers(model_class):
+    """`torch.ao.quantization.quantize_dynamic(model, {nn.Linear})`, the one-line CPU quantization of a trained
+    model, runs and stays close to the float model (int8 weights, activations quantized per batch)."""
+    model = build(model_class).eval()
+    pixel_values = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", (DeprecationWarning, FutureWarning, UserWarning))
+        quantized = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8)
+    assert any(type(module).__module__.startswith("torch.ao") for module in quantized.modules())
+    with torch.no_grad():
+        expected, got = model(pixel_values).logits, quantized(pixel_values).logits
+    assert got.shape == expected.shape
+    similarity = torch.nn.functional.cosine_similarity(got.flatten(), expected.flatten(), dim=0)
+    assert similarity > 0.99, similarity
+
+
 def ddp_worker(rank: int, world_size: int, init_file: str, model_class_name: str, result_file: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:

@@ -22,7 +22,7 @@ from locatvit_hf import (
     LocAtViTForSemanticSegmentation,
     LocAtViTModel,
 )
-from locatvit_hf.modeling_locatvit import tokens_to_feature_map
+from locatvit_hf.modeling_locatvit import LocAtViTStatisticsMap, tokens_to_feature_map
 
 from .conftest import ALL_CLASSES, tiny_config
 
@@ -293,6 +293,12 @@ def test_initialization_follows_timm():
             assert torch.all(module.bias == 0), name
         if isinstance(module, torch.nn.LayerNorm):
             assert torch.all(module.weight == 1) and torch.all(module.bias == 0), name
+    # The Gaussian's statistics maps (a few dozen weights each) start like the Linear layers: checked together.
+    maps = [module for module in model.modules() if isinstance(module, LocAtViTStatisticsMap)]
+    assert len(maps) == 2 * config.num_hidden_layers
+    weights = torch.cat([module.weight.flatten() for module in maps])
+    assert 0.015 < weights.std() < 0.025 and weights.abs().max() < 0.2
+    assert all(torch.all(module.bias == 0) for module in maps)
     embeddings = model.locatvit.embeddings
     assert embeddings.cls_token.abs().max() < 1e-4
     assert 0.015 < embeddings.position_embeddings.std() < 0.025

@@ -123,6 +123,27 @@ class LocAtViTEmbeddings(nn.Module):
         return self.dropout(embeddings), grid_size
 
 
+class LocAtViTStatisticsMap(nn.Module):
+    """A linear map from a head's query to statistics of its Gaussian (`weight`, `bias`, as `nn.Linear` holds them).
+
+    `LocAtViTGaussianBias` reads both maps' parameters into one float32 product instead of calling them, so they are
+    not `nn.Linear`s: tools that rewrite every Linear layer (LoRA on "all-linear", dynamic quantization) would wrap
+    these in a forward that never runs, and their adapters or quantized weights would be ignored.
+    """
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(out_features))
+
+    def forward(self, queries: torch.Tensor) -> torch.Tensor:
+        return F.linear(queries, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
 class LocAtViTGaussianBias(nn.Module):
     """GAug (docs/method.md#gaussian-augmented-attention-gaug): an additive attention bias pulling each patch query towards its neighbours.
 
@@ -139,8 +160,8 @@ class LocAtViTGaussianBias(nn.Module):
 
     def __init__(self, config: LocAtViTConfig):
         super().__init__()
-        self.variance_proj = nn.Linear(config.head_dim, 2)
-        self.strength_proj = nn.Linear(config.head_dim, 1)
+        self.variance_proj = LocAtViTStatisticsMap(config.head_dim, 2)
+        self.strength_proj = LocAtViTStatisticsMap(config.head_dim, 1)
         self.initial_grid = tuple(config.grid_size)
         side = max(self.initial_grid)
         self.max_variance = float(side**2)
@@ -557,10 +578,11 @@ class LocAtViTPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module):
         """timm's ViT initialization (docs/method.md#initialization): truncated normal 0.02 for Linear weights and the position embedding,
-        normal 1e-6 for the CLS token, PyTorch's defaults for the patch-embedding conv and the norms. The 1x1 convs of
-        the segmentation head are linear maps and start like the Linear layers."""
+        normal 1e-6 for the CLS token, PyTorch's defaults for the patch-embedding conv and the norms. The Gaussian's
+        statistics maps and the 1x1 convs of the segmentation head are linear maps and start like the Linear layers."""
         std = self.config.initializer_range
-        if isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1)):
+        linear = (nn.Linear, LocAtViTStatisticsMap)
+        if isinstance(module, linear) or (isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1)):
             init.trunc_normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 init.zeros_(module.bias)
