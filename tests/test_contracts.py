@@ -202,6 +202,29 @@ def test_fullgraph_compile_of_inference_and_a_training_step(model_class):
         torch.testing.assert_close(compiled_grads[name], parameter.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize(
+    "model_class, overrides",
+    [(LocAtViTForSemanticSegmentation, {}), (LocAtViTForImageClassification, {"interpolate_pos_encoding": True})],
+    ids=lambda value: getattr(value, "__name__", str(value)),
+)
+def test_compiled_training_at_other_image_sizes(model_class, overrides):
+    """A compiled model trained on images of several sizes: `torch.compile` compiles again for the second size with
+    dynamic shapes (its default), position embeddings resampled in the graph, and every step's gradients are the
+    eager model's."""
+    torch._dynamo.reset()
+    model = build(model_class, **overrides).train()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    for height, width in [(32, 32), (48, 40), (64, 48)]:
+        pixel_values = torch.randn(2, 3, height, width)
+        model.zero_grad()
+        training_loss(model, pixel_values, compiled).backward()
+        compiled_grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+        model.zero_grad()
+        training_loss(model, pixel_values).backward()
+        for name, parameter in model.named_parameters():
+            torch.testing.assert_close(compiled_grads[name], parameter.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_set_attn_implementation_switches_a_built_model():
     """`set_attn_implementation` switches between eager (which returns the attention probabilities) and sdpa on a
     model that exists, with the same outputs either way."""

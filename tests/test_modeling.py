@@ -262,13 +262,16 @@ def test_interpolation_and_non_square_inputs():
         torch.testing.assert_close(model(x).logits, model(x, interpolate_pos_encoding=True).logits)
 
 
-def test_position_embeddings_resampled_bicubic_with_antialias():
-    model = LocAtViTModel(tiny_config()).eval()
+@pytest.mark.parametrize("image_size", [32, (32, 48)])
+@pytest.mark.parametrize("grid", [(2, 3), (1, 5), (7, 1), (9, 11)])
+def test_position_embeddings_resampled_bicubic_with_antialias(image_size, grid):
+    """Down and up, to sides of one patch, from square and non-square grids: `F.interpolate` of the 2-D grid."""
+    model = LocAtViTModel(tiny_config(image_size=image_size)).eval()
     embeddings = model.embeddings
-    resampled = embeddings.interpolate_pos_encoding((2, 3))
-    patch = embeddings.position_embeddings[:, 1:].reshape(1, 4, 4, 32).permute(0, 3, 1, 2)
-    expected = torch.nn.functional.interpolate(patch, size=(2, 3), mode="bicubic", antialias=True)
-    torch.testing.assert_close(resampled[:, 1:], expected.permute(0, 2, 3, 1).reshape(1, 6, 32))
+    resampled = embeddings.interpolate_pos_encoding(grid)
+    patch = embeddings.position_embeddings[:, 1:].reshape(1, *embeddings.grid_size, 32).permute(0, 3, 1, 2)
+    expected = torch.nn.functional.interpolate(patch, size=grid, mode="bicubic", antialias=True)
+    torch.testing.assert_close(resampled[:, 1:], expected.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], 32))
     torch.testing.assert_close(resampled[:, :1], embeddings.position_embeddings[:, :1])
 
 

@@ -71,6 +71,16 @@ class LocAtViTPatchEmbeddings(nn.Module):
         return self.projection(pixel_values)
 
 
+def resampling_matrix(size: int, new_size: int, device: torch.device) -> torch.Tensor:
+    """(new_size, size) float32 matrix of `F.interpolate`'s bicubic antialiased resampling along one axis: the
+    identity resampled, so its rows are the weights that resampling gives each input."""
+    # `size` one-hot images of 1 x size. (As size x 1 images, the tensor's layout is also channels-last, where PyTorch
+    # 2.14's CPU kernel returns a constant along the resampled axis.)
+    identity = torch.eye(size, device=device).reshape(1, size, 1, size)
+    resampled = F.interpolate(identity, size=(1, new_size), mode="bicubic", antialias=True, align_corners=False)
+    return resampled[0, :, 0, :].t()
+
+
 class LocAtViTEmbeddings(nn.Module):
     """CLS token + patch embeddings + learned absolute position embeddings (resampled for other grids: docs/method.md#other-resolutions)."""
 
@@ -88,15 +98,21 @@ class LocAtViTEmbeddings(nn.Module):
     def interpolate_pos_encoding(self, grid_size: tuple[int, int]) -> torch.Tensor:
         """Position embeddings for `grid_size`: the patch part resampled bicubically with antialiasing (timm's
         `resample_abs_pos_embed`), the CLS part untouched. At the configured grid the resampling is the identity
-        (exactly), and skipped, except under `torch.export`, so that an export at that size serves every size."""
+        (exactly), and skipped, except under `torch.export`, so that an export at that size serves every size.
+
+        The resampling is separable: one matrix per axis (`resampling_matrix`), applied as two matrix products, whose
+        gradient is two more. `F.interpolate`'s own backward fails under `torch.compile` once sizes are dynamic (the
+        second image size a compiled model trains on)."""
         if not torch.compiler.is_exporting() and tuple(grid_size) == tuple(self.grid_size):
             return self.position_embeddings
         prefix = self.position_embeddings[:, :NUM_PREFIX_TOKENS]
         patch = self.position_embeddings[:, NUM_PREFIX_TOKENS:]
         dim = patch.shape[-1]
-        patch = patch.float().reshape(1, *self.grid_size, dim).permute(0, 3, 1, 2)
-        patch = F.interpolate(patch, size=tuple(grid_size), mode="bicubic", antialias=True, align_corners=False)
-        patch = patch.permute(0, 2, 3, 1).reshape(1, -1, dim).to(prefix.dtype)
+        patch = patch.float().reshape(*self.grid_size, dim).permute(2, 0, 1)  # (dim, rows, columns)
+        rows = resampling_matrix(self.grid_size[0], grid_size[0], patch.device)
+        columns = resampling_matrix(self.grid_size[1], grid_size[1], patch.device)
+        patch = rows @ patch @ columns.t()
+        patch = patch.permute(1, 2, 0).reshape(1, -1, dim).to(prefix.dtype)
         return torch.cat((prefix, patch), dim=1)
 
     def forward(
