@@ -125,6 +125,16 @@ def test_hub_style_folder_with_timm_config(tmp_path):
     assert model.config.image_size == [32, 32]
 
 
+@pytest.mark.parametrize("model_class", [LocAtViTForImageClassification, LocAtViTForSemanticSegmentation])
+def test_from_pretrained_of_an_original_checkpoint_says_to_convert(model_class):
+    """`from_pretrained` on a folder of the authors' format (timm config and weights) refuses, naming the converter,
+    instead of building a default-sized random model with every weight reported missing."""
+    with pytest.raises(ValueError, match=r"timm configuration \(architecture 'locatvit.*locatvit_hf\.convert"):
+        model_class.from_pretrained(SMALL_PARITY_DIR)
+    with pytest.raises(ValueError, match="load_converted"):
+        LocAtViTConfig.from_pretrained(SMALL_PARITY_DIR)
+
+
 @pytest.mark.parametrize(
     "task, model_class", [("semantic-segmentation", LocAtViTForSemanticSegmentation), ("backbone", LocAtViTBackbone)]
 )

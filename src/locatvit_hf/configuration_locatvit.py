@@ -100,6 +100,15 @@ class LocAtViTConfig(BackboneConfigMixin, PreTrainedConfig):
 
     @classmethod
     def from_dict(cls, config_dict: dict, **kwargs) -> "LocAtViTConfig":
+        if "architecture" in config_dict and "pretrained_cfg" in config_dict:
+            # Read as a LocAtViT config it would give a randomly initialized default model, every weight reported
+            # missing: the authors' checkpoints are timm's format and need converting.
+            raise ValueError(
+                f"This is a timm configuration (architecture {config_dict['architecture']!r}), the format of the "
+                "authors' checkpoints, not a Transformers one. Convert the checkpoint once with `python -m "
+                "locatvit_hf.convert --checkpoint PATH_OR_REPO --output DIR` and load DIR, or build the model from it "
+                "with `locatvit_hf.convert.load_converted(PATH_OR_REPO, task)`."
+            )
         # `from_pretrained(..., num_labels=N)` asks for a new head, as for every model: the saved class names of
         # another number of classes no longer apply (a config file contradicting itself is still refused).
         saved_labels = config_dict.get("id2label")
