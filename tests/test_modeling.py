@@ -273,6 +273,8 @@ def test_position_embeddings_resampled_bicubic_with_antialias(image_size, grid):
     expected = torch.nn.functional.interpolate(patch, size=grid, mode="bicubic", antialias=True)
     torch.testing.assert_close(resampled[:, 1:], expected.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], 32))
     torch.testing.assert_close(resampled[:, :1], embeddings.position_embeddings[:, :1])
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # resampled in float32 under mixed precision too
+        torch.testing.assert_close(embeddings.interpolate_pos_encoding(grid), resampled)
 
 
 def test_sides_not_multiple_of_patch_are_zero_padded():

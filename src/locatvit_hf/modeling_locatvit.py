@@ -111,7 +111,8 @@ class LocAtViTEmbeddings(nn.Module):
         patch = patch.float().reshape(*self.grid_size, dim).permute(2, 0, 1)  # (dim, rows, columns)
         rows = resampling_matrix(self.grid_size[0], grid_size[0], patch.device)
         columns = resampling_matrix(self.grid_size[1], grid_size[1], patch.device)
-        patch = rows @ patch @ columns.t()
+        with torch.autocast(device_type=patch.device.type, enabled=False):  # float32 under mixed precision too
+            patch = rows @ patch @ columns.t()
         patch = patch.permute(1, 2, 0).reshape(1, -1, dim).to(prefix.dtype)
         return torch.cat((prefix, patch), dim=1)
 
