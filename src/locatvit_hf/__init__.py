@@ -13,7 +13,7 @@ from transformers import (
 )
 
 from .configuration_locatvit import PRESETS, LocAtViTConfig
-from .image_processing_locatvit import LocAtViTImageProcessor, LocAtViTImageProcessorPil
+from .image_processing_locatvit import BACKEND_CLASSES, LocAtViTImageProcessor, LocAtViTImageProcessorPil
 from .modeling_locatvit import (
     LocAtViTBackbone,
     LocAtViTForImageClassification,
@@ -37,12 +37,8 @@ for _auto_class, _model_class in _AUTO_CLASSES.items():
     _auto_class.register(LocAtViTConfig, _model_class, exist_ok=True)
     # Saved models then carry the model files, so they also load with `trust_remote_code=True` without this package.
     _model_class.register_for_auto_class(_auto_class.__name__)
-AutoImageProcessor.register(
-    LocAtViTConfig,
-    image_processor_classes={"torchvision": LocAtViTImageProcessor, "pil": LocAtViTImageProcessorPil},
-    exist_ok=True,
-)
-for _processor_class in (LocAtViTImageProcessor, LocAtViTImageProcessorPil):
+AutoImageProcessor.register(LocAtViTConfig, image_processor_classes=dict(BACKEND_CLASSES), exist_ok=True)
+for _processor_class in BACKEND_CLASSES.values():
     _processor_class.register_for_auto_class("AutoImageProcessor")
 
 __all__ = [

@@ -781,7 +781,7 @@ class BlockedBiasAttention(torch.autograd.Function):
         output = torch.empty(query.shape, dtype=compute, device=query.device)
         logsumexp = torch.empty(query.shape[:-1], dtype=compute, device=query.device)
         for block in query_blocks(query):
-            scores = scores_of_block(query, keys, row, col, block, scale, num_prefix)
+            scores = scores_of_block(query[:, :, block].to(compute), keys, row, col, block, scale, num_prefix)
             logsumexp[:, :, block] = torch.logsumexp(scores, dim=-1)
             probabilities = scores.sub_(logsumexp[:, :, block, None]).exp_()
             output[:, :, block] = probabilities @ values
@@ -811,7 +811,7 @@ class BlockedBiasAttention(torch.autograd.Function):
         grad_col = torch.zeros(col.shape, dtype=compute, device=col.device) if needs_bias_grad else None
         for block in query_blocks(query):
             queries = query[:, :, block].to(compute)
-            probabilities = scores_of_block(query, keys, row, col, block, scale, prefix)
+            probabilities = scores_of_block(queries, keys, row, col, block, scale, prefix)
             probabilities.sub_(logsumexp[:, :, block, None]).exp_()
             block_grad = grad_output[:, :, block]
             grad_value += probabilities.transpose(-1, -2) @ block_grad
@@ -844,10 +844,10 @@ def query_blocks(query: torch.Tensor) -> list[slice]:
     return [slice(start, min(start + size, seq_len)) for start in range(0, seq_len, size)]
 
 
-def scores_of_block(query, keys, row, col, block: slice, scale: float, num_prefix: int) -> torch.Tensor:
-    """q k^T * scale + B for the queries in `block` against every key, in `keys`' dtype (batch, heads, block, N):
-    the bias's patch block written from the profiles of the block's patch queries."""
-    scores = torch.matmul(query[:, :, block].to(keys.dtype), keys.transpose(-1, -2)).mul_(scale)
+def scores_of_block(queries, keys, row, col, block: slice, scale: float, num_prefix: int) -> torch.Tensor:
+    """q k^T * scale + B for `queries`, the block `block` of query positions, against every key, in their dtype
+    (batch, heads, block, N): the bias's patch block written from the profiles of the block's patch queries."""
+    scores = torch.matmul(queries, keys.transpose(-1, -2)).mul_(scale)
     if (rows := patch_rows(block, num_prefix)) is not None:
         first, patches = rows
         grid = scores[:, :, first:, num_prefix:].unflatten(-1, (row.shape[-1], col.shape[-1]))

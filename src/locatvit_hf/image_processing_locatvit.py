@@ -96,10 +96,6 @@ class LocAtViTImageProcessorKwargs(ImagesKwargs, total=False):
     do_reduce_labels: bool
 
 
-# The class of each backend, by the names `AutoImageProcessor`'s `backend` argument takes.
-BACKEND_CLASSES = {"torchvision": "LocAtViTImageProcessor", "pil": "LocAtViTImageProcessorPil"}
-
-
 class LocAtViTImageProcessorMixin:
     """Defaults and the segmentation support shared by both backends."""
 
@@ -132,7 +128,9 @@ class LocAtViTImageProcessorMixin:
             module = reference.rsplit(".", 1)[0]
             output["auto_map"] = {
                 **auto_map,
-                "AutoImageProcessor": {backend: f"{module}.{name}" for backend, name in BACKEND_CLASSES.items()},
+                "AutoImageProcessor": {
+                    backend: f"{module}.{cls.__name__}" for backend, cls in BACKEND_CLASSES.items()
+                },
             }
         return output
 
@@ -270,5 +268,8 @@ class LocAtViTImageProcessorPil(LocAtViTImageProcessorMixin, PilBackend):
     def to_int64(self, label: np.ndarray) -> np.ndarray:
         return label.astype(np.int64)
 
+
+# The class of each backend, by the names `AutoImageProcessor`'s `backend` argument takes.
+BACKEND_CLASSES = {"torchvision": LocAtViTImageProcessor, "pil": LocAtViTImageProcessorPil}
 
 __all__ = ["LocAtViTImageProcessor", "LocAtViTImageProcessorPil"]

@@ -150,7 +150,6 @@ class LocAtViTStatisticsMap(nn.Module):
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__()
-        self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.empty(out_features))
 
@@ -158,7 +157,8 @@ class LocAtViTStatisticsMap(nn.Module):
         return F.linear(queries, self.weight, self.bias)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}"
+        out_features, in_features = self.weight.shape
+        return f"in_features={in_features}, out_features={out_features}"
 
 
 class LocAtViTGaussianBias(nn.Module):
