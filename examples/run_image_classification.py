@@ -323,11 +323,14 @@ def main(argv: list[str] | None = None) -> dict:
 
     results = train_and_evaluate(trainer, train_dataset, eval_dataset, resume)
     publish(trainer, model_args.model_name_or_path, "image-classification", data_args.dataset_name)
+    # The Trainer holds the DDP model, which holds the process group and its threads. Dropped here, before the group is
+    # destroyed: a library that keeps a reference to this frame would keep them running into interpreter shutdown, where
+    # a gloo thread releasing a tensor aborts the process.
+    del trainer
     return results
 
 
 if __name__ == "__main__":
     main()
-    # Before the interpreter exits, as PyTorch asks: left to exit-time destruction, a rank of `accelerate launch` can
-    # abort after finishing its work.
+    # As PyTorch asks: the group's threads end here, not during interpreter shutdown.
     PartialState().destroy_process_group()

@@ -60,6 +60,14 @@ def digests(output: str) -> dict[int, str]:
     return {int(rank): digest for rank, _, digest in found}
 
 
+def assert_backend_threads_ended(output: str, world_size: int) -> None:
+    """Each process ended its gloo threads before exiting (`run_with_digest.py` counts them; None without /proc)."""
+    found = dict(re.findall(r"\[rank (\d+)/\d+\] backend threads at exit (\d+|None)", output))
+    assert set(found) == {str(rank) for rank in range(world_size)}, output[-3000:]
+    running = {rank: count for rank, count in found.items() if count not in ("0", "None")}
+    assert not running, f"gloo threads still running at exit (a rank can abort during shutdown): {running}"
+
+
 def read_results(output_dir: Path) -> dict:
     results = json.loads((output_dir / "all_results.json").read_text())
     assert results, "empty all_results.json"
@@ -163,6 +171,7 @@ def test_segmentation_data_parallel(workspace, launcher):
     ranks = digests(output)
     assert set(ranks) == {0, 1} and ranks[0] == ranks[1], "the replicas ended with different weights"
     assert ranks[0] == parameter_digest(AutoModelForSemanticSegmentation.from_pretrained(output_dir))
+    assert_backend_threads_ended(output, world_size=2)
 
 
 def test_classification_single_process_and_pipeline(workspace):
@@ -188,6 +197,7 @@ def test_classification_data_parallel(workspace, launcher):
     ranks = digests(output)
     assert set(ranks) == {0, 1} and ranks[0] == ranks[1], "the replicas ended with different weights"
     assert ranks[0] == parameter_digest(AutoModelForImageClassification.from_pretrained(output_dir))
+    assert_backend_threads_ended(output, world_size=2)
 
 
 def test_segmentation_pipeline(workspace):
