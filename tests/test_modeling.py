@@ -11,6 +11,8 @@ from transformers import (
     AutoModel,
     AutoModelForImageClassification,
     AutoModelForSemanticSegmentation,
+    DepthAnythingConfig,
+    DepthAnythingForDepthEstimation,
     UperNetConfig,
     UperNetForSemanticSegmentation,
 )
@@ -388,6 +390,42 @@ def test_backbone_out_indices_and_upernet():
     with torch.no_grad():
         logits = upernet(pixels(batch=1)).logits
     assert logits.shape == (1, 7, 32, 32)
+
+
+def test_backbone_token_outputs_drive_depth_anything(tmp_path):
+    """`reshape_hidden_states=False` returns the stages' token sequences, class token first, as DINOv2's backbone does:
+    the form Depth Anything's neck reads. Depth Anything then runs on a LocAtViT backbone at any multiple of the patch
+    size, gradients reach every backbone parameter, and the composite model saves and loads."""
+    config = tiny_config(num_hidden_layers=3, out_indices=[0, 2, 3], reshape_hidden_states=False)
+    backbone = LocAtViTBackbone(config).eval()
+    with torch.no_grad():
+        outputs = backbone(pixels(), output_hidden_states=True)
+    for tokens, hidden in zip(outputs.feature_maps, [outputs.hidden_states[i] for i in (0, 2, 3)]):
+        assert tokens.shape == (2, 1 + 16, 32)
+        torch.testing.assert_close(tokens, hidden)
+
+    depth_config = DepthAnythingConfig(
+        backbone_config=tiny_config(num_hidden_layers=4, out_indices=[1, 2, 3, 4], reshape_hidden_states=False),
+        patch_size=8,
+        reassemble_hidden_size=32,
+        neck_hidden_sizes=[8, 16, 16, 32],
+        fusion_hidden_size=16,
+        head_hidden_size=8,
+    )
+    model = DepthAnythingForDepthEstimation(depth_config)
+    assert isinstance(model.backbone, LocAtViTBackbone)
+    model(pixels(height=40, width=56)).predicted_depth.mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.backbone.parameters())
+    model.eval()
+    x = pixels(batch=1, height=48, width=32)
+    with torch.no_grad():
+        depth = model(x).predicted_depth
+    assert depth.shape == (1, 48, 32)
+    model.save_pretrained(tmp_path)
+    reloaded = DepthAnythingForDepthEstimation.from_pretrained(tmp_path).eval()
+    assert reloaded.config.backbone_config.reshape_hidden_states is False
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x).predicted_depth, depth)
 
 
 def test_backbone_holds_blocks_up_to_the_last_requested(tmp_path):

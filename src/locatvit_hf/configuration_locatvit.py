@@ -57,6 +57,10 @@ class LocAtViTConfig(BackboneConfigMixin, PreTrainedConfig):
         out_features / out_indices:
             Which stages [`LocAtViTBackbone`] returns: `"stem"` (the embeddings) and `"stage1"` ... `"stageN"` (the
             blocks' outputs).
+        reshape_hidden_states (`bool`, defaults to `True`):
+            Whether [`LocAtViTBackbone`] returns (batch, C, H, W) maps of the patch tokens, or, with `False`, the
+            (batch, 1 + H*W, C) token sequences, class token first, as DINOv2's backbone does for DPT and Depth
+            Anything.
     """
 
     model_type = "locatvit"
@@ -82,6 +86,7 @@ class LocAtViTConfig(BackboneConfigMixin, PreTrainedConfig):
     interpolate_pos_encoding: bool | None = None
     freeze_backbone: bool = False
     attention_backend: str | None = None
+    reshape_hidden_states: bool = True
     _out_features: list[str] | None = None
     _out_indices: list[int] | None = None
 
