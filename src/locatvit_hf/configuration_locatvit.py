@@ -59,8 +59,8 @@ class LocAtViTConfig(BackboneConfigMixin, PreTrainedConfig):
             blocks' outputs).
         reshape_hidden_states (`bool`, defaults to `True`):
             Whether [`LocAtViTBackbone`] returns (batch, C, H, W) maps of the patch tokens, or, with `False`, the
-            (batch, 1 + H*W, C) token sequences, class token first, as DINOv2's backbone does for DPT and Depth
-            Anything.
+            (batch, 1 + H*W, C) token sequences, class token first, as DINOv2's backbone does: the form Depth
+            Anything's neck reads.
     """
 
     model_type = "locatvit"
