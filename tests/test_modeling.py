@@ -400,6 +400,7 @@ def test_backbone_token_outputs_drive_depth_anything(tmp_path):
     backbone = LocAtViTBackbone(config).eval()
     with torch.no_grad():
         outputs = backbone(pixels(), output_hidden_states=True)
+    assert len(outputs.feature_maps) == 3
     for tokens, hidden in zip(outputs.feature_maps, [outputs.hidden_states[i] for i in (0, 2, 3)]):
         assert tokens.shape == (2, 1 + 16, 32)
         torch.testing.assert_close(tokens, hidden)

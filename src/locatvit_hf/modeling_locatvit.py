@@ -831,16 +831,14 @@ class LocAtViTBackbone(BackboneMixin, LocAtViTPreTrainedModel):
                 f"{len(self.encoder.layers)} blocks: set `out_indices` in the config before building the model."
             )
         hidden_states, grid_size = self.embeddings(pixel_values, self.interpolates(interpolate_pos_encoding))
-
-        def output(tokens: torch.Tensor) -> torch.Tensor:
-            return tokens_to_feature_map(tokens, grid_size) if self.config.reshape_hidden_states else tokens
-
-        feature_maps = [output(hidden_states)] if 0 in wanted else []
+        stages = [hidden_states] if 0 in wanted else []
         for index, layer in enumerate(self.encoder.layers, start=1):
             hidden_states = layer(hidden_states, grid_size, **kwargs)
             if index in wanted:
-                feature_maps.append(output(hidden_states))
-        return BackboneOutput(feature_maps=tuple(feature_maps))
+                stages.append(hidden_states)
+        if self.config.reshape_hidden_states:
+            stages = [tokens_to_feature_map(tokens, grid_size) for tokens in stages]
+        return BackboneOutput(feature_maps=tuple(stages))
 
 
 __all__ = [
